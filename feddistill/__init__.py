@@ -1,0 +1,3 @@
+"""Federated knowledge distillation on Flower."""
+
+__version__ = "0.1.0"
