@@ -1,0 +1,227 @@
+"""The ``feddistill`` command line.
+
+Subcommands map onto the library; each option of ``simulate`` is a key of the run config (the
+same keys ``flwr run . --run-config`` takes), and ``--set KEY=VALUE`` reaches any other key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from feddistill import __version__
+from feddistill.config import Config, ConfigError, known_keys, parse_config
+
+# (flag, run-config key, type, help)
+SIMULATE_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--num-clients", "data.num-clients", int, "total number of simulated clients"),
+    (
+        "--clients-per-round",
+        "server.clients-per-round",
+        float,
+        "clients trained per round: a count (5) or a fraction of all clients (0.1)",
+    ),
+    ("--rounds", "rounds", int, "number of federated rounds"),
+    ("--partitioning", "data.partitioning", str, "iid, dirichlet (label skew) or shards"),
+    ("--alpha", "data.alpha", float, "Dirichlet concentration (smaller = more skewed)"),
+    ("--shards-per-client", "data.shards-per-client", int, "classes per client for 'shards'"),
+    (
+        "--dataset",
+        "data.source",
+        str,
+        "'embedded' (offline synthetic corpus), a csv/json/jsonl/parquet file, a save_to_disk "
+        "folder, or a Hugging Face hub dataset name",
+    ),
+    ("--test-dataset", "data.test-source", str, "centralized test set evaluated every round"),
+    ("--text-column", "data.text-column", str, "text column of the dataset"),
+    ("--label-column", "data.label-column", str, "label column of the dataset"),
+    (
+        "--teacher",
+        "model.teacher",
+        str,
+        "teacher: hub id, local folder, builtin:tiny|micro|small, or offline:all-minilm-l6-v2",
+    ),
+    ("--student", "model.student", str, "'derived' (from the teacher) or a model id/folder"),
+    ("--student-layers", "model.student-layers", int, "layers of a derived student"),
+    ("--strategy", "server.strategy", str, "fedavg, fedprox, fedavgm, fedadam, fedyogi, ..."),
+    ("--uplink", "compression.uplink", str, "uplink codec, e.g. 'topk:0.01+q4+ef' or 'none'"),
+    ("--downlink", "compression.downlink", str, "downlink codec, e.g. 'q8' or 'none'"),
+    ("--out", "output-dir", str, "output folder (results.json, student/, checkpoints/)"),
+    ("--seed", "seed", int, "random seed (data, partitions, initialization, sampling)"),
+]
+
+
+def parse_value(text: str) -> Any:
+    """TOML scalar like ``flwr run --run-config`` (``5``, ``0.1``, ``true``, ``"x"``)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _coerce_count(value: float) -> float | int:
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def simulate_config(args: argparse.Namespace) -> Config:
+    flat: dict[str, Any] = {}
+    if args.config:
+        flat.update(tomllib.loads(Path(args.config).read_text()))
+    for flag, key, _, _ in SIMULATE_OPTIONS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            flat[key] = _coerce_count(value) if key.endswith("clients-per-round") else value
+    flat.update(parse_set(args.set or []))
+    return parse_config(flat)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from feddistill.server.app import setup_logging
+    from feddistill.simulation.engine import simulate
+
+    cfg = simulate_config(args)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    log = logging.getLogger("feddistill")
+    log.info(
+        "feddistill %s: %d clients, %s per round, %d rounds, %s, teacher %s -> %s",
+        __version__,
+        cfg.data.num_clients,
+        _coerce_count(cfg.server.clients_per_round),
+        cfg.rounds,
+        cfg.data.partitioning,
+        cfg.model.teacher,
+        cfg.model.student,
+    )
+    started = time.time()
+    results = simulate(
+        cfg,
+        cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client,
+        verbose=args.verbose,
+    )
+    if not results.get("final") or not results.get("rounds"):
+        log.error("the run did not complete; see %s", cfg.output_dir)
+        return 1
+    log.info("wall time %.0f s", time.time() - started)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    defaults = Config().to_flat()
+    if args.toml:
+        for key in known_keys():
+            print(f"{key} = {json.dumps(defaults[key])}")
+    else:
+        width = max(len(k) for k in defaults)
+        for key in known_keys():
+            print(f"{key:<{width}}  {json.dumps(defaults[key])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="feddistill",
+        description="Federated knowledge distillation on Flower: every client fine-tunes a local "
+        "teacher and distills it into a compact student whose (compressed) update is "
+        "aggregated by the server.",
+    )
+    parser.add_argument("--version", action="version", version=f"feddistill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run a federation on one host with Flower's simulation engine (Ray)",
+        description="Run a whole federated distillation on this machine. With no options it "
+        "runs the embedded default (offline synthetic corpus, 10 non-IID clients) and writes "
+        "OUT/results.json, OUT/student/ and OUT/checkpoints/.",
+    )
+    for flag, key, typ, help_text in SIMULATE_OPTIONS:
+        sim.add_argument(flag, type=typ, default=None, help=f"{help_text} [{key}]")
+    sim.add_argument(
+        "--cpus-per-client",
+        type=float,
+        default=1.0,
+        help="CPU cores reserved per client; clients run concurrently while cores last (default 1)",
+    )
+    sim.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        help="GPU fraction per client, e.g. 0.25 = four clients share a GPU (default 0: CPU)",
+    )
+    sim.add_argument("--config", metavar="TOML", help="file of run-config keys (flat, dotted)")
+    sim.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any run-config key, repeatable (see `feddistill config`)",
+    )
+    sim.add_argument("-v", "--verbose", action="store_true", help="show Flower and Ray logs")
+    sim.set_defaults(func=cmd_simulate)
+
+    cfg = sub.add_parser("config", help="list every run-config key with its default")
+    cfg.add_argument("--toml", action="store_true", help="print as TOML lines")
+    cfg.set_defaults(func=cmd_config)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
+    from feddistill import export
+
+    exp = sub.add_parser("export", help="export a student for CPU inference (int8 dynamic)")
+    export.add_export_arguments(exp)
+    exp.set_defaults(func=export.run_export)
+    pred = sub.add_parser("predict", help="classify text with an exported or saved student")
+    export.add_predict_arguments(pred)
+    pred.set_defaults(func=export.run_predict)
+
+    bc = sub.add_parser("bench-codec", help="codec benchmark: size and speed on a big update")
+    bc.add_argument("--numel", type=int, default=10_000_000, help="elements (default 10M)")
+    bc.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
+    bc.add_argument("--json", action="store_true", help="print one JSON list")
+    bc.set_defaults(func=cmd_bench_codec)
+
+
+def cmd_bench_codec(args: argparse.Namespace) -> int:
+    from feddistill.codec.bench import format_codec_table, run_codec_bench
+
+    rows = run_codec_bench(numel=args.numel, repeats=args.repeats)
+    print(json.dumps(rows) if args.json else format_codec_table(rows))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"feddistill: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # DataError, ModelError, PayloadError are ValueErrors
+        print(f"feddistill: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The ClientApp: unpack the message, call :mod:`feddistill.client.work`, pack the reply.
+
+The same app serves simulation (node config carries ``partition-id``) and deployment (node config
+carries ``data-path`` and ``cache-dir``). A failed precondition (bad local data, a tampered
+downlink, a model mismatch) is answered with an error reply naming the problem, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from feddistill import keys
+from feddistill.client.work import ClientError, RoundInput, evaluate_round, train_round
+from feddistill.codec import PayloadError
+from feddistill.config import ConfigError, config_from_json
+from feddistill.data import DataError
+from feddistill.models.build import Labels, ModelError
+from feddistill.wire import payload_record
+
+_MOD_FAILED_PRECONDITION = 6  # flwr.common.constant.ErrorCode.MOD_FAILED_PRECONDITION
+_EXPECTED = (ClientError, DataError, PayloadError, ModelError, ConfigError)
+log = logging.getLogger("feddistill.client")
+
+app = ClientApp()
+
+
+def unpack(msg: Message) -> RoundInput:
+    config = msg.content[keys.CONFIG]
+    record = msg.content[keys.ARRAYS]
+    if keys.PAYLOAD not in record:
+        raise PayloadError("names", f"downlink has no {keys.PAYLOAD!r} array")
+    array = record[keys.PAYLOAD]
+    if array.dtype != "uint8" or array.stype == "raw":
+        raise PayloadError("dtype", f"downlink payload must be uint8, got {array.dtype}")
+    return RoundInput(
+        cfg=config_from_json(str(config[keys.RUN_CONFIG])),
+        labels=Labels(tuple(json.loads(str(config[keys.LABELS])))),
+        init_digest=str(config.get(keys.INIT_DIGEST, "")),
+        payload=array.numpy(),
+        server_round=int(config.get(keys.SERVER_ROUND, 0)),
+        proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+    )
+
+
+def _error_reply(msg: Message, err: Exception) -> Message:
+    reason = f"{type(err).__name__}: {err}"
+    log.warning("client refused the round: %s", reason)
+    return Message(Error(code=_MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        payload, metrics = train_round(unpack(msg), dict(context.node_config))
+    except _EXPECTED as err:
+        return _error_reply(msg, err)
+    content = RecordDict(
+        {keys.ARRAYS: payload_record(payload), keys.METRICS: MetricRecord(metrics)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    try:
+        metrics = evaluate_round(unpack(msg), dict(context.node_config))
+    except _EXPECTED as err:
+        return _error_reply(msg, err)
+    return Message(content=RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,249 @@
+"""What a client does in a round, as plain functions (the ClientApp only unpacks and packs).
+
+train_round: rebuild the initial student, apply the downlink, make sure the local teacher is
+fine-tuned (cached on disk), distill the student from it, and return the encoded update
+``student_after - received_student`` of the exchanged parameters, with error feedback.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from feddistill.client.state import ClientState
+from feddistill.codec import decode, encode, parse_spec, residual_after, with_residual
+from feddistill.config import Config, parse_config
+from feddistill.distill.train import (
+    Encoded,
+    distill,
+    encode_texts,
+    evaluate,
+    fine_tune,
+    pick_device,
+    predict_logits,
+)
+from feddistill.models.build import Labels, get_arrays, set_arrays
+from feddistill.task import (
+    InitialModels,
+    TextSplit,
+    default_cache_dir,
+    initial_models,
+    local_file_split,
+    partition_split,
+    teacher_cache_key,
+)
+
+
+class ClientError(RuntimeError):
+    """A precondition failed on this client; the message is sent back to the server."""
+
+
+@dataclass
+class RoundInput:
+    """Everything the server sent, already unpacked from the Flower message."""
+
+    cfg: Config
+    labels: Labels
+    init_digest: str
+    payload: np.ndarray
+    server_round: int
+    proximal_mu: float = 0.0
+
+
+@dataclass
+class NodeData:
+    key: str
+    train: TextSplit
+    val: TextSplit
+    cache_root: Path
+
+
+def node_data(cfg: Config, labels: Labels, node_config: dict[str, Any]) -> NodeData:
+    """A device reads its own ``data-path``; a simulated node its ``partition-id``."""
+    cache_root = Path(str(node_config.get("cache-dir") or default_cache_dir(cfg)))
+    if "data-path" in node_config:
+        path = str(node_config["data-path"])
+        train, val = local_file_split(cfg, path, labels)
+        key = "node-" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
+    elif "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        train, val = partition_split(cfg, pid)
+        key = f"partition-{pid}-of-{cfg.data.num_clients}"
+    else:
+        raise ClientError(
+            "node config has neither 'data-path' (a device's data file) nor 'partition-id' "
+            "(a simulated node); start the SuperNode with --node-config 'data-path=\"...\"'"
+        )
+    if len(train) == 0:
+        raise ClientError(f"client {key} has no training examples")
+    return NodeData(key, train, val, cache_root)
+
+
+@functools.lru_cache(maxsize=1)
+def _initial(cfg_json: str, labels: tuple[str, ...]) -> InitialModels:
+    """Per-process: simulation workers serve many clients with the same initial models."""
+    return initial_models(parse_config(json.loads(cfg_json)), Labels(labels))
+
+
+def _models_json(cfg: Config) -> str:
+    keep = {
+        k: v
+        for k, v in cfg.to_flat().items()
+        if k.startswith("model.") or k in ("seed", "data.max-length")
+    }
+    return json.dumps(keep, sort_keys=True)
+
+
+def load_initial(cfg: Config, labels: Labels, expected_digest: str) -> InitialModels:
+    models = _initial(_models_json(cfg), labels.names)
+    if expected_digest and models.digest != expected_digest:
+        raise ClientError(
+            f"initial student mismatch: this client built {models.digest}, the server "
+            f"{expected_digest}; teacher/student files or library versions differ across nodes"
+        )
+    return models
+
+
+def received_arrays(
+    models: InitialModels, cfg: Config, payload: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The global student as the server sent it: initial weights + decoded downlink delta."""
+    delta = decode(
+        payload, models.schema, max_payload_bytes=int(cfg.compression.max_payload_mb * 2**20)
+    )
+    return {n: models.init_arrays[n] + delta[n] for n in models.names}
+
+
+def ensure_teacher(
+    cfg: Config,
+    labels: Labels,
+    models: InitialModels,
+    data: NodeData,
+    state: ClientState,
+    t_train: Encoded,
+    device: torch.device,
+) -> tuple[torch.nn.Module, torch.Tensor | None, bool]:
+    key = teacher_cache_key(cfg, labels, data.train)
+    teacher = copy.deepcopy(models.teacher)
+    cached = state.load_teacher(key)
+    if cached is not None:
+        teacher.load_state_dict(cached[0])
+        logits = cached[1]
+        if logits is None and not cfg.distill.mutual:
+            logits = predict_logits(teacher, t_train, device=device)
+        return teacher, logits, False
+    fine_tune(
+        teacher,
+        t_train,
+        epochs=cfg.teacher.epochs,
+        lr=cfg.teacher.lr,
+        batch_size=cfg.teacher.batch_size,
+        seed=cfg.seed,
+        device=device,
+        precision=cfg.train.precision,
+    )
+    logits = None if cfg.distill.mutual else predict_logits(teacher, t_train, device=device)
+    state.save_teacher(key, {k: v.cpu() for k, v in teacher.state_dict().items()}, logits)
+    return teacher, logits, True
+
+
+def _round_seed(seed: int, server_round: int, client_key: str) -> int:
+    """Stable across processes (unlike ``hash()``), distinct per client and round."""
+    mix = hashlib.sha256(f"{seed}/{server_round}/{client_key}".encode()).hexdigest()
+    return int(mix[:8], 16)
+
+
+def train_round(
+    inp: RoundInput, node_config: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, float]]:
+    t0 = time.perf_counter()
+    cfg, labels = inp.cfg, inp.labels
+    data = node_data(cfg, labels, node_config)
+    models = load_initial(cfg, labels, inp.init_digest)
+    ref = received_arrays(models, cfg, inp.payload)
+    state = ClientState.open(data.cache_root, data.key)
+    device = pick_device(cfg.train.device)
+    maxlen = cfg.data.max_length
+
+    s_train = encode_texts(models.student_tokenizer, data.train.texts, data.train.labels, maxlen)
+    t_train = s_train
+    if models.teacher_tokenizer is not models.student_tokenizer:
+        t_train = encode_texts(
+            models.teacher_tokenizer, data.train.texts, data.train.labels, maxlen
+        )
+    teacher, logits, fitted = ensure_teacher(cfg, labels, models, data, state, t_train, device)
+
+    student = copy.deepcopy(models.student)
+    set_arrays(student, ref)
+    seed = _round_seed(cfg.seed, inp.server_round, data.key)
+    stats = distill(
+        student,
+        s_train,
+        logits,
+        epochs=cfg.train.local_epochs,
+        lr=cfg.train.lr,
+        batch_size=cfg.train.batch_size,
+        alpha=cfg.distill.alpha,
+        temperature=cfg.distill.temperature,
+        seed=seed,
+        device=device,
+        precision=cfg.train.precision,
+        weight_decay=cfg.train.weight_decay,
+        teacher=teacher if cfg.distill.mutual else None,
+        teacher_data=t_train,
+        teacher_lr=cfg.teacher.lr,
+        proximal_mu=inp.proximal_mu,
+    )
+    if cfg.distill.mutual:  # the teacher learned too; it never leaves the node
+        key = teacher_cache_key(cfg, labels, data.train)
+        state.save_teacher(key, {k: v.cpu() for k, v in teacher.state_dict().items()}, None)
+
+    after = get_arrays(student, models.names)
+    update = {n: after[n] - ref[n] for n in models.names}
+    spec = parse_spec(cfg.compression.uplink)
+    if spec.error_feedback:
+        update = with_residual(update, state.load_residual(models.schema))
+    encoded = encode(update, spec, seed=seed)
+    if spec.error_feedback:
+        state.save_residual(residual_after(update, encoded.decoded))
+
+    metrics = {
+        "num-examples": float(len(data.train)),
+        "train-loss": stats.loss,
+        "train-accuracy": stats.accuracy,
+        "teacher-fitted": float(fitted),
+        "client-seconds": time.perf_counter() - t0,
+        "state-bytes": float(state.disk_bytes()),
+    }
+    del teacher, student
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # do not leave an idle worker holding GPU memory
+    return encoded.payload, metrics
+
+
+def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, float]:
+    """Federated evaluation: the received global student on this client's validation split."""
+    cfg, labels = inp.cfg, inp.labels
+    data = node_data(cfg, labels, node_config)
+    models = load_initial(cfg, labels, inp.init_digest)
+    student = copy.deepcopy(models.student)
+    set_arrays(student, received_arrays(models, cfg, inp.payload))
+    device = pick_device(cfg.train.device)
+    val = encode_texts(
+        models.student_tokenizer, data.val.texts, data.val.labels, cfg.data.max_length
+    )
+    stats = evaluate(student, val, device=device, precision=cfg.train.precision)
+    return {
+        "num-examples": float(stats.examples),
+        "eval-loss": stats.loss if stats.examples else 0.0,
+        "eval-accuracy": stats.accuracy if stats.examples else 0.0,
+    }

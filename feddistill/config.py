@@ -1,0 +1,353 @@
+"""One validated configuration, parsed once from the Flower run config.
+
+The Flower run config is a flat mapping of dotted keys (``distill.temperature = 2.0``) coming
+from ``pyproject.toml [tool.flwr.app.config]`` merged with ``--run-config`` overrides. We parse
+it once into frozen dataclasses; every ``__post_init__`` rejects bad values with a message naming
+the key, the value and what is allowed. The server sends the flat form to clients inside each
+message, so simulation and deployment share exactly one code path and one source of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from feddistill.codec import parse_spec
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"invalid config {key} = {value!r}: expected {allowed}")
+
+
+def _check_range(
+    key: str,
+    value: float,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> None:
+    bad = not math.isfinite(value)
+    if lo is not None:
+        bad = bad or (value <= lo if lo_open else value < lo)
+    if hi is not None:
+        bad = bad or value > hi
+    if bad:
+        left = "(" if lo_open else "["
+        lo_txt = "-inf" if lo is None else f"{lo:g}"
+        hi_txt = "inf" if hi is None else f"{hi:g}"
+        _fail(key, value, f"a number in {left}{lo_txt}, {hi_txt}]")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+)
+PARTITIONINGS = ("iid", "dirichlet", "shards")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is split over clients."""
+
+    source: str = "embedded"
+    test_source: str = ""
+    labels: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    num_examples: int = 4000
+    num_test: int = 1000
+    num_classes: int = 4
+    label_noise: float = 0.1
+    num_clients: int = 10
+    partitioning: str = "dirichlet"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    val_fraction: float = 0.1
+    min_partition_size: int = 10
+    max_length: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            _fail("data.source", self.source, "'embedded', a file path, a folder or a hub name")
+        _check_range("data.num-examples", self.num_examples, lo=1)
+        _check_range("data.num-test", self.num_test, lo=0)
+        _check_range("data.num-classes", self.num_classes, lo=2, hi=6)
+        _check_range("data.label-noise", self.label_noise, lo=0, hi=0.9)
+        _check_range("data.num-clients", self.num_clients, lo=1)
+        _check_choice("data.partitioning", self.partitioning, PARTITIONINGS)
+        _check_range("data.alpha", self.alpha, lo=0, lo_open=True)
+        _check_range("data.shards-per-client", self.shards_per_client, lo=1)
+        _check_range("data.val-fraction", self.val_fraction, lo=0, hi=0.5)
+        _check_range("data.min-partition-size", self.min_partition_size, lo=1)
+        _check_range("data.max-length", self.max_length, lo=4, hi=4096)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Teacher and student architecture.
+
+    ``teacher`` is a hub id, a local folder or ``builtin:<name>`` (a small config trained from
+    scratch, for tests and the embedded default). ``student = "derived"`` builds the student from
+    the teacher: same tokenizer and embeddings, ``student_layers`` of its layers (DistilBERT-style
+    initialization), optionally frozen embeddings so only the rest is exchanged.
+    """
+
+    teacher: str = "builtin:tiny"
+    student: str = "derived"
+    student_layers: int = 2
+    layer_selection: str = "every-other"
+    freeze_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            _fail("model.teacher", self.teacher, "a hub id, a local folder or builtin:<name>")
+        if not self.student:
+            _fail("model.student", self.student, "'derived', a hub id, a folder or builtin:<name>")
+        _check_range("model.student-layers", self.student_layers, lo=1, hi=48)
+        _check_choice("model.layer-selection", self.layer_selection, ("first", "every-other"))
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Local fine-tuning of each client's teacher (done once per client, then cached)."""
+
+    epochs: int = 4
+    lr: float = 1e-3
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check_range("teacher.epochs", self.epochs, lo=0, hi=1000)
+        _check_range("teacher.lr", self.lr, lo=0, lo_open=True, hi=1.0)
+        _check_range("teacher.batch-size", self.batch_size, lo=1)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``alpha * CE + (1 - alpha) * T^2 * KL`` (Hinton et al. 2015); FedKD-style mutual option."""
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    mutual: bool = False
+
+    def __post_init__(self) -> None:
+        _check_range("distill.alpha", self.alpha, lo=0, hi=1)
+        _check_range("distill.temperature", self.temperature, lo=0, lo_open=True, hi=100)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Client-side training of the received global student in each round."""
+
+    local_epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _check_range("train.local-epochs", self.local_epochs, lo=1, hi=1000)
+        _check_range("train.lr", self.lr, lo=0, lo_open=True, hi=1.0)
+        _check_range("train.batch-size", self.batch_size, lo=1)
+        _check_range("train.weight-decay", self.weight_decay, lo=0, hi=1.0)
+        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Round structure and the Flower strategy that aggregates (decoded) updates.
+
+    ``lr``/``momentum`` drive FedAvgM; ``eta``/``tau`` the adaptive FedAdam/FedYogi/FedAdagrad
+    (Reddi et al. 2021); ``proximal_mu`` FedProx; ``trim_beta`` FedTrimmedAvg.
+    """
+
+    strategy: str = "fedavg"
+    clients_per_round: float = 5.0
+    evaluate_clients: float = 5.0
+    min_replies: int = 1
+    round_timeout: float = 600.0
+    lr: float = 1.0
+    eta: float = 0.01
+    tau: float = 1e-3
+    proximal_mu: float = 0.01
+    momentum: float = 0.9
+    trim_beta: float = 0.2
+    local_only: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("server.strategy", self.strategy, STRATEGIES)
+        for key, value in (
+            ("server.clients-per-round", self.clients_per_round),
+            ("server.evaluate-clients", self.evaluate_clients),
+        ):
+            _check_range(key, value, lo=0)
+            if value >= 1 and value != int(value):
+                _fail(key, value, "a fraction in (0, 1) or a whole number of clients")
+        if self.clients_per_round == 0:
+            _fail("server.clients-per-round", 0, "a fraction in (0, 1) or a count >= 1")
+        _check_range("server.min-replies", self.min_replies, lo=1)
+        _check_range("server.round-timeout", self.round_timeout, lo=0, lo_open=True)
+        _check_range("server.lr", self.lr, lo=0, lo_open=True)
+        _check_range("server.eta", self.eta, lo=0, lo_open=True)
+        _check_range("server.tau", self.tau, lo=0, lo_open=True)
+        _check_range("server.proximal-mu", self.proximal_mu, lo=0)
+        _check_range("server.momentum", self.momentum, lo=0, hi=1)
+        _check_range("server.trim-beta", self.trim_beta, lo=0, hi=0.5)
+        _check_choice("server.local-only", self.local_only, ("auto", "on", "off"))
+
+    def num_sampled(self, value: float, num_clients: int) -> int:
+        """Clients for a round: ``value`` < 1 is a fraction of ``num_clients``, else a count."""
+        count = round(value * num_clients) if value < 1 else int(value)
+        return max(1, min(count, num_clients))
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Codec specs for each direction; grammar in :func:`feddistill.codec.parse_spec`."""
+
+    uplink: str = "none"
+    downlink: str = "none"
+    max_payload_mb: float = 512.0
+
+    def __post_init__(self) -> None:
+        for key, text in (
+            ("compression.uplink", self.uplink),
+            ("compression.downlink", self.downlink),
+        ):
+            try:
+                parse_spec(text)
+            except ValueError as err:
+                raise ConfigError(f"invalid config {key} = {text!r}: {err}") from None
+        _check_range("compression.max-payload-mb", self.max_payload_mb, lo=0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: one instance, shared by the server and (via messages) the clients.
+
+    ``mode`` says where client data lives: ``simulation`` partitions ``data.source`` over
+    virtual nodes by ``partition-id``; ``deployment`` means each device reads its own
+    ``data-path`` and the server only knows the label set (``data.labels`` or ``data.source``).
+    """
+
+    rounds: int = 8
+    seed: int = 0
+    mode: str = "simulation"
+    output_dir: str = "feddistill-out"
+    cache_dir: str = ""
+    checkpoints: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+
+    def __post_init__(self) -> None:
+        _check_range("rounds", self.rounds, lo=1, hi=100_000)
+        _check_range("seed", self.seed, lo=0)
+        _check_choice("mode", self.mode, ("simulation", "deployment"))
+        if not self.output_dir:
+            _fail("output-dir", self.output_dir, "a folder path")
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat, dotted-key form (what ``--run-config`` and pyproject use)."""
+        return _flatten(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_flat(), sort_keys=True)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        return parse_config({**self.to_flat(), **overrides})
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + _key(f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+_SCALARS: dict[type, tuple[type, ...]] = {
+    int: (int,),
+    float: (int, float),
+    bool: (bool,),
+    str: (str,),
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    # bool is an int subclass: refuse `rounds = true` and `distill.mutual = 1` alike.
+    ok = isinstance(value, _SCALARS[typ]) and (typ is bool or not isinstance(value, bool))
+    if not ok:
+        _fail(key, value, _TYPE_NAMES[typ])
+    return float(value) if typ is float else value
+
+
+def _build(cls: type, flat: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + _key(f.name)
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, flat, key + ".")
+        elif key in flat:
+            kwargs[f.name] = _coerce(key, flat.pop(key), typ)
+    return cls(**kwargs)
+
+
+def known_keys() -> list[str]:
+    return sorted(Config().to_flat())
+
+
+def parse_config(flat: Mapping[str, Any]) -> Config:
+    """Parse a flat run config; unknown keys, wrong types and bad values raise ConfigError."""
+    remaining = dict(flat)
+    config = _build(Config, remaining, "")
+    if remaining:
+        key = sorted(remaining)[0]
+        close = difflib.get_close_matches(key, known_keys(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown config key {key!r} (value {remaining[key]!r}){hint} "
+            "Run `feddistill config` to list every key."
+        )
+    return config
+
+
+def config_from_json(text: str) -> Config:
+    return parse_config(json.loads(text))

@@ -1,0 +1,81 @@
+"""Knowledge-distillation loss (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a
+Neural Network", eq. 2 and the T^2 gradient scaling of section 2).
+
+The module returns the two parts separately; the caller mixes them as
+``alpha * ce + (1 - alpha) * temperature**2 * kd`` (see :func:`kd_objective`), the same split as
+torchtune's ``ForwardKLLoss``, so logging and mutual distillation can reuse the parts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KDParts(NamedTuple):
+    ce: torch.Tensor
+    kd: torch.Tensor
+
+
+class KDLoss(nn.Module):
+    """Cross-entropy on labels and KL(teacher_T || student_T) on softened logits.
+
+    Shapes: ``student_logits`` and ``teacher_logits`` are ``[..., C]`` (``[B, C]`` for sequence
+    classification, ``[B, L, C]`` for token-level tasks); ``labels`` is ``[...]`` with
+    ``ignore_index`` marking positions without a label; ``mask`` is an optional ``[...]`` bool
+    tensor, False for padding, excluded from both parts. Softmax is taken in float32 so bf16/fp16
+    autocast does not distort the soft targets.
+    """
+
+    def __init__(self, temperature: float = 2.0, ignore_index: int = -100) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> KDParts:
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} and teacher logits "
+                f"{tuple(teacher_logits.shape)} differ: both models need the same label set"
+            )
+        num_classes = student_logits.shape[-1]
+        s = student_logits.float().reshape(-1, num_classes)
+        t = teacher_logits.detach().float().reshape(-1, num_classes)
+        keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+        if mask is not None:
+            keep = mask.reshape(-1).to(torch.bool)
+        denom = keep.sum().clamp(min=1)
+
+        log_p_s = F.log_softmax(s / self.temperature, dim=-1)
+        log_p_t = F.log_softmax(t / self.temperature, dim=-1)
+        # KL(p_t || p_s) per row = sum p_t * (log p_t - log p_s)
+        kl_rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+        kd = (kl_rows * keep).sum() / denom
+
+        if labels is None:
+            ce = torch.zeros((), device=s.device)
+        else:
+            y = labels.reshape(-1).clone()
+            y[~keep] = self.ignore_index
+            ce = F.cross_entropy(s, y, ignore_index=self.ignore_index)
+            if torch.isnan(ce):  # every label ignored
+                ce = torch.zeros((), device=s.device)
+        return KDParts(ce=ce, kd=kd)
+
+
+def kd_objective(parts: KDParts, alpha: float, temperature: float) -> torch.Tensor:
+    """``alpha * CE + (1 - alpha) * T^2 * KL``; T^2 keeps KD gradients on the CE scale."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return alpha * parts.ce + (1.0 - alpha) * temperature**2 * parts.kd

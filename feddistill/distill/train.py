@@ -1,0 +1,248 @@
+"""Training loops: fine-tune, distill, predict, evaluate. No Flower objects, no file I/O.
+
+Lifecycle as in torchtune's KD recipe: set up (device, dtype chosen once by the caller), train,
+evaluate; the teacher is in ``eval()`` whenever it teaches, and its logits can be precomputed once
+because a frozen teacher's outputs do not change between rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from feddistill.distill.losses import KDLoss, kd_objective
+
+
+@dataclass
+class Encoded:
+    """Tokenized texts: ``input_ids``/``attention_mask`` are ``[N, L]`` (right-padded)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    max_length: int,
+) -> Encoded:
+    if len(texts) == 0:
+        z = torch.zeros((0, 1), dtype=torch.long)
+        return Encoded(z, z.clone(), torch.zeros(0, dtype=torch.long))
+    enc = tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        padding="longest",
+        return_tensors="pt",
+    )
+    return Encoded(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        labels=torch.as_tensor(list(labels), dtype=torch.long),
+    )
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` takes CUDA when this process was given a GPU, else CPU (never an error)."""
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and dtype is torch.float16:
+        return contextlib.nullcontext()  # fp16 autocast on CPU is slow and lossy: skip it
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _slice(data: Encoded, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    mask = data.attention_mask[idx]
+    width = max(int(mask.sum(dim=1).max()), 1)  # trim shared padding: big speed-up on CPU
+    return {
+        "input_ids": data.input_ids[idx, :width].to(device),
+        "attention_mask": mask[:, :width].to(device),
+    }
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    accuracy: float
+    examples: int
+
+
+def fine_tune(
+    model: PreTrainedModel,
+    data: Encoded,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
+    weight_decay: float = 0.0,
+) -> TrainStats:
+    """Plain supervised fine-tuning (the local teacher, or a CE-only baseline)."""
+    return distill(
+        model,
+        data,
+        None,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        alpha=1.0,
+        temperature=1.0,
+        seed=seed,
+        device=device,
+        precision=precision,
+        weight_decay=weight_decay,
+    )
+
+
+def distill(
+    student: PreTrainedModel,
+    data: Encoded,
+    teacher_logits: torch.Tensor | None,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    alpha: float,
+    temperature: float,
+    seed: int,
+    device: torch.device,
+    precision: str = "fp32",
+    weight_decay: float = 0.0,
+    teacher: PreTrainedModel | None = None,
+    teacher_data: Encoded | None = None,
+    teacher_lr: float = 0.0,
+    proximal_mu: float = 0.0,
+) -> TrainStats:
+    """Train ``student`` on ``alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)``.
+
+    ``teacher_logits`` (``[N, C]``, precomputed in eval mode) is used when given. Mutual
+    distillation (FedKD, Wu et al. 2022) passes ``teacher`` instead: the teacher is then trained
+    in the same loop on ``alpha * CE + (1 - alpha) * T^2 * KL(student || teacher)``.
+    ``proximal_mu`` adds FedProx's ``mu/2 * ||w - w_received||^2`` (Li et al. 2020, eq. 2).
+    """
+    if len(data) == 0:
+        return TrainStats(loss=0.0, accuracy=0.0, examples=0)
+    loss_fn = KDLoss(temperature)
+    student.to(device).train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    t_opt = None
+    if teacher is not None:
+        teacher.to(device).train()
+        t_opt = torch.optim.AdamW(
+            [p for p in teacher.parameters() if p.requires_grad], lr=teacher_lr
+        )
+    gen = torch.Generator().manual_seed(seed)
+    total_loss, correct, seen = 0.0, 0, 0
+    for _ in range(epochs):
+        for idx in _batches(len(data), batch_size, gen):
+            batch = _slice(data, idx, device)
+            labels = data.labels[idx].to(device)
+            with autocast(device, precision):
+                s_logits = student(**batch).logits
+            if teacher is not None and t_opt is not None:
+                t_batch = _slice(teacher_data or data, idx, device)
+                with autocast(device, precision):
+                    t_logits = teacher(**t_batch).logits
+                t_loss = kd_objective(
+                    loss_fn(t_logits, s_logits.detach(), labels), alpha, temperature
+                )
+                t_opt.zero_grad(set_to_none=True)
+                t_loss.backward()
+                t_opt.step()
+                t_logits = t_logits.detach()
+            elif teacher_logits is not None:
+                t_logits = teacher_logits[idx].to(device)
+            else:
+                t_logits = s_logits.detach()  # alpha == 1: KD part is zero anyway
+            loss = kd_objective(loss_fn(s_logits, t_logits, labels), alpha, temperature)
+            if anchor:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                loss = loss + 0.5 * proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((s_logits.detach().argmax(-1) == labels).sum())
+            seen += len(idx)
+    if teacher is not None:
+        teacher.eval()
+    student.eval()
+    return TrainStats(
+        loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), examples=len(data)
+    )
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: PreTrainedModel,
+    data: Encoded,
+    *,
+    batch_size: int = 128,
+    device: torch.device,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Logits ``[N, C]`` in float32 on CPU, model in eval mode."""
+    model.to(device).eval()
+    out = []
+    for idx in _batches(len(data), batch_size, None):
+        with autocast(device, precision):
+            out.append(model(**_slice(data, idx, device)).logits.float().cpu())
+    if not out:
+        return torch.zeros((0, model.config.num_labels))
+    return torch.cat(out)
+
+
+@dataclass
+class EvalStats:
+    loss: float
+    accuracy: float
+    examples: int
+
+
+def evaluate(
+    model: PreTrainedModel,
+    data: Encoded,
+    *,
+    batch_size: int = 128,
+    device: torch.device,
+    precision: str = "fp32",
+) -> EvalStats:
+    if len(data) == 0:
+        return EvalStats(loss=float("nan"), accuracy=float("nan"), examples=0)
+    logits = predict_logits(model, data, batch_size=batch_size, device=device, precision=precision)
+    loss = float(F.cross_entropy(logits, data.labels))
+    acc = float((logits.argmax(-1) == data.labels).float().mean())
+    return EvalStats(loss=loss, accuracy=acc, examples=len(data))
+
+
+def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean()) if len(labels) else float("nan")

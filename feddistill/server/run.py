@@ -1,0 +1,222 @@
+"""The server's run: set up, let the strategy run the rounds, record, export.
+
+``run_server`` is what the ServerApp's ``main`` calls, under ``flwr run`` (simulation or
+deployment) and under ``feddistill simulate`` alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from safetensors.torch import save_file
+
+from feddistill import __version__, keys
+from feddistill.client.state import ClientState
+from feddistill.client.work import ensure_teacher, node_data
+from feddistill.codec import dense_float32_bytes
+from feddistill.config import Config
+from feddistill.distill.train import Encoded, distill, encode_texts, evaluate, pick_device
+from feddistill.models.build import Labels, count_parameters, save_student, set_arrays
+from feddistill.server.results import RunRecord, summarize_local_only
+from feddistill.strategies import build_strategy
+from feddistill.task import InitialModels, initial_models, partitions, source_splits
+
+log = logging.getLogger("feddistill")
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute output and cache folders: client workers may run in another directory."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    cache = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
+    return cfg.with_overrides({"output-dir": str(out), "cache-dir": str(cache)})
+
+
+def local_only_accuracies(
+    cfg: Config, labels: Labels, models: InitialModels, test: Encoded
+) -> list[float]:
+    """Each client's student trained on its own data only, with the same recipe and budget
+    (KD from its own teacher, ``rounds * local_epochs`` epochs): the floor federation must beat.
+    """
+    device = pick_device(cfg.train.device)
+    accs = []
+    for pid in range(cfg.data.num_clients):
+        data = node_data(cfg, labels, {"partition-id": pid})
+        state = ClientState.open(data.cache_root, data.key)
+        enc = encode_texts(
+            models.student_tokenizer, data.train.texts, data.train.labels, cfg.data.max_length
+        )
+        t_enc = enc
+        if models.teacher_tokenizer is not models.student_tokenizer:
+            t_enc = encode_texts(
+                models.teacher_tokenizer, data.train.texts, data.train.labels, cfg.data.max_length
+            )
+        teacher, logits, _ = ensure_teacher(cfg, labels, models, data, state, t_enc, device)
+        student = copy.deepcopy(models.student)
+        distill(
+            student,
+            enc,
+            logits,
+            epochs=cfg.rounds * cfg.train.local_epochs,
+            lr=cfg.train.lr,
+            batch_size=cfg.train.batch_size,
+            alpha=cfg.distill.alpha,
+            temperature=cfg.distill.temperature,
+            seed=cfg.seed + pid,
+            device=device,
+            teacher=teacher if cfg.distill.mutual else None,
+            teacher_data=t_enc,
+            teacher_lr=cfg.teacher.lr,
+        )
+        accs.append(evaluate(student, test, device=device).accuracy)
+        log.info("local-only student of client %d: test accuracy %.4f", pid, accs[-1])
+    return accs
+
+
+def _want_local_only(cfg: Config, simulated: bool) -> bool:
+    if cfg.server.local_only == "off" or not simulated:
+        return False
+    return cfg.server.local_only == "on" or cfg.data.num_clients <= 20
+
+
+def run_server(grid: Grid, cfg: Config) -> RunRecord:
+    cfg = resolve_paths(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)  # Flower samples clients with the `random` module
+    torch.manual_seed(cfg.seed)
+
+    simulated = cfg.mode == "simulation"
+    _, test_split, labels = source_splits(cfg)
+    if simulated:
+        sizes = [len(p) for p in partitions(cfg)]  # rejects bad partition settings up front
+        log.info(
+            "data: %d clients, partition sizes %d..%d (%s)",
+            len(sizes),
+            min(sizes),
+            max(sizes),
+            cfg.data.partitioning,
+        )
+    models = initial_models(cfg, labels)
+    total, exchanged = count_parameters(models.student)
+    t_total, _ = count_parameters(models.teacher)
+    log.info(
+        "teacher %s: %s parameters; student: %s total, %s exchanged",
+        cfg.model.teacher,
+        f"{t_total:,}",
+        f"{total:,}",
+        f"{exchanged:,}",
+    )
+
+    device = pick_device(cfg.train.device)
+    test = None
+    if test_split is not None:
+        test = encode_texts(
+            models.student_tokenizer, test_split.texts, test_split.labels, cfg.data.max_length
+        )
+    server_student = copy.deepcopy(models.student)
+    strategy = build_strategy(cfg, cfg.data.num_clients, models.schema, models.init_arrays)
+    dense_bytes = dense_float32_bytes(models.init_arrays)
+    record = RunRecord(
+        out_dir=out,
+        config=cfg.to_flat(),
+        header={
+            "feddistill_version": __version__,
+            "labels": list(labels.names),
+            "model": {
+                "teacher": cfg.model.teacher,
+                "teacher_parameters": t_total,
+                "student_parameters": total,
+                "exchanged_parameters": exchanged,
+            },
+        },
+    )
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    clock = {"t": time.time()}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        set_arrays(server_student, {n: arrays[n].numpy() for n in models.names})
+        acc, loss = float("nan"), float("nan")
+        if test is not None:
+            stats = evaluate(server_student, test, device=device)
+            acc, loss = stats.accuracy, stats.loss
+        if server_round == 0:
+            record.initial = {
+                "accuracy": acc if test is not None else None,
+                "loss": loss if test is not None else None,
+            }
+            clock["t"] = time.time()
+            return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
+        if cfg.checkpoints:
+            state = {
+                k: v.detach().cpu().contiguous() for k, v in server_student.state_dict().items()
+            }
+            save_file(state, str(ckpt_dir / f"round-{server_round:04d}.safetensors"))
+        now = time.time()
+        record.add_round(
+            server_round,
+            cfg.rounds,
+            acc,
+            loss,
+            strategy.traffic[server_round],
+            now - clock["t"],
+            dense_bytes,
+        )
+        clock["t"] = now
+        return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
+
+    run_cfg = ConfigRecord(
+        {
+            keys.RUN_CONFIG: cfg.to_json(),
+            keys.LABELS: json.dumps(list(labels.names)),
+            keys.INIT_DIGEST: models.digest,
+        }
+    )
+    initial = ArrayRecord({n: Array(models.init_arrays[n]) for n in models.names})
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.rounds,
+        timeout=cfg.server.round_timeout,
+        train_config=run_cfg,
+        evaluate_config=run_cfg,
+        evaluate_fn=evaluate_fn,
+    )
+    final_arrays = result.arrays if len(result.arrays) else initial
+    set_arrays(server_student, {n: final_arrays[n].numpy() for n in models.names})
+    student_dir = out / "student"
+    save_student(server_student, models.student_tokenizer, student_dir)
+
+    extra: dict[str, object] = {"student_dir": str(student_dir)}
+    if test is not None and _want_local_only(cfg, simulated):
+        extra.update(summarize_local_only(local_only_accuracies(cfg, labels, models, test)))
+    else:
+        extra.update({"local_only_accuracy": None})
+    record.finish(**extra)
+    f = record.final
+    log.info(
+        "done: %d rounds, final accuracy %s (best %s in round %s), local-only %s; "
+        "bytes up %s, down %s; %.0f s. Results in %s",
+        f["rounds_completed"],
+        _fmt(f["accuracy"]),
+        _fmt(f["best_accuracy"]),
+        f["best_round"],
+        _fmt(f.get("local_only_accuracy")),
+        f["bytes_up_total"],
+        f["bytes_down_total"],
+        f["seconds_total"],
+        record.path,
+    )
+    return record
+
+
+def _fmt(x: object) -> str:
+    return "n/a" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)

@@ -1,0 +1,200 @@
+"""A strategy wrapper that speaks compressed updates on the wire and dense weights inside.
+
+Built the way Flower wraps strategies for differential privacy
+(``flwr/serverapp/strategy/dp_fixed_clipping.py``): the inner strategy (FedAvg, FedAdam, ...)
+never sees a compressed payload. Only the four hooks that touch the wire are overridden;
+``Strategy.start`` and its round loop are inherited untouched.
+
+Downlink: every message carries ``encode(global - initial)`` under the downlink spec, a delta
+from the initial student that every node can rebuild, so a client that skipped any number of
+rounds still reconstructs the current model. The server keeps the full-precision global; what
+the downlink drops is not lost but sent in later rounds once it grows (the error stays bounded by
+one quantization step of the current delta).
+
+Uplink: a client's payload decodes to ``delta_i = student_i - received``; the wrapper hands the
+inner strategy dense weights ``global + delta_i``, so FedAvg gives ``global + mean(delta)``,
+FedAdam's pseudo-gradient is ``mean(delta)``, FedMedian takes the median delta, and with the
+"none" codec everything equals Flower's own strategy on dense weights. Invalid replies are
+dropped with a logged reason naming the node and the failed check, and counted as failures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from feddistill import keys
+from feddistill.codec import CompressionSpec, PayloadError, decode, encode
+from feddistill.wire import message_bytes, payload_record
+
+log = logging.getLogger("feddistill.server")
+
+
+@dataclass
+class RoundTraffic:
+    """What crossed the wire in one round, in serialized bytes, framing included."""
+
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    eval_bytes_down: dict[int, int] = field(default_factory=dict)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    eval_failures: list[tuple[int, str]] = field(default_factory=list)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    replies: int = 0
+    downlink_payload_bytes: int = 0
+
+
+class CompressedStrategy(Strategy):
+    """Wrap ``inner`` so replies and broadcasts travel through the feddistill codec."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        schema: Sequence[tuple[str, tuple[int, ...]]],
+        initial: dict[str, np.ndarray],
+        uplink: CompressionSpec,
+        downlink: CompressionSpec,
+        max_payload_bytes: int,
+        seed: int = 0,
+    ) -> None:
+        self.inner = inner
+        self.schema = [(n, tuple(s)) for n, s in schema]
+        self.names = [n for n, _ in self.schema]
+        self.initial = {n: np.asarray(initial[n], dtype=np.float32) for n in self.names}
+        self.uplink = uplink
+        self.downlink = downlink
+        self.max_payload_bytes = max_payload_bytes
+        self.seed = seed
+        self.traffic: dict[int, RoundTraffic] = {}
+        self._global: dict[str, np.ndarray] | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _round(self, server_round: int) -> RoundTraffic:
+        return self.traffic.setdefault(server_round, RoundTraffic())
+
+    def _downlink_record(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        dense = {n: arrays[n].numpy() for n in self.names}
+        self._global = dense
+        delta = {n: dense[n] - self.initial[n] for n in self.names}
+        encoded = encode(delta, self.downlink, seed=self.seed * 7919 + server_round)
+        self._round(server_round).downlink_payload_bytes = int(encoded.payload.nbytes)
+        return payload_record(encoded.payload)
+
+    def _compress_messages(
+        self,
+        server_round: int,
+        messages: Iterable[Message],
+        arrays: ArrayRecord,
+        sink: dict[int, int],
+    ) -> list[Message]:
+        out = list(messages)
+        if not out:
+            return out
+        record = self._downlink_record(server_round, arrays)
+        for msg in out:
+            msg.content[self.inner_key] = record
+            sink[msg.metadata.dst_node_id] = message_bytes(msg)
+        return out
+
+    @property
+    def inner_key(self) -> str:
+        return getattr(self.inner, "arrayrecord_key", keys.ARRAYS)
+
+    def decode_reply(self, msg: Message) -> ArrayRecord:
+        """Dense weights ``global + delta`` from one reply; PayloadError names the failed check."""
+        content = msg.content
+        if self.inner_key not in content.array_records:
+            raise PayloadError("names", f"reply has no ArrayRecord {self.inner_key!r}")
+        record = content.array_records[self.inner_key]
+        if list(record.keys()) != [keys.PAYLOAD]:
+            raise PayloadError("names", f"expected one array {keys.PAYLOAD!r}, got {list(record)}")
+        array = record[keys.PAYLOAD]
+        if array.stype == "raw" or array.dtype != "uint8" or len(array.shape) != 1:
+            raise PayloadError(
+                "dtype", f"payload must be 1-D uint8, got {array.dtype}{array.shape}"
+            )
+        if array.shape[0] > self.max_payload_bytes:
+            raise PayloadError("size-limit", f"payload of {array.shape[0]} bytes over the limit")
+        metrics = content.metric_records.get(keys.METRICS)
+        n = None if metrics is None else metrics.get(keys.NUM_EXAMPLES)
+        if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
+            raise PayloadError("metrics", f"num-examples must be a positive number, got {n!r}")
+        delta = decode(array.numpy(), self.schema, max_payload_bytes=self.max_payload_bytes)
+        assert self._global is not None, "configure_train runs before aggregate_train"
+        return ArrayRecord({n: Array(self._global[n] + delta[n]) for n in self.names})
+
+    # -- the four wire hooks ------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        return self._compress_messages(
+            server_round, messages, arrays, self._round(server_round).bytes_down
+        )
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self._round(server_round)
+        valid: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = f"client error: {msg.error.reason}"
+                stats.failures.append((node, reason))
+                log.warning("round %d: node %s failed: %s", server_round, node, reason)
+                continue
+            stats.bytes_up[node] = message_bytes(msg)
+            try:
+                msg.content[self.inner_key] = self.decode_reply(msg)
+            except PayloadError as err:
+                reason = f"invalid payload ({err.check}): {err}"
+                stats.failures.append((node, reason))
+                log.warning("round %d: dropped reply of node %s: %s", server_round, node, reason)
+                continue
+            valid.append(msg)
+        stats.replies = len(valid)
+        if not valid:
+            return None, None
+        result = self.inner.aggregate_train(server_round, valid)
+        if result[1] is not None:
+            stats.train_metrics = {k: float(v) for k, v in result[1].items()}  # type: ignore[arg-type]
+        return result
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self._compress_messages(
+            server_round, messages, arrays, self._round(server_round).eval_bytes_down
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        stats = self._round(server_round)
+        valid = []
+        for msg in replies:
+            if msg.has_error():
+                stats.eval_failures.append((msg.metadata.src_node_id, str(msg.error.reason)))
+            else:
+                valid.append(msg)
+        if not valid:
+            return None
+        metrics = self.inner.aggregate_evaluate(server_round, valid)
+        if metrics is not None:
+            stats.eval_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+        return metrics
+
+    def summary(self) -> None:
+        self.inner.summary()
+        log.info("\t├── Uplink codec: %s", self.uplink.to_string())
+        log.info("\t└── Downlink codec: %s", self.downlink.to_string())

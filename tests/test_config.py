@@ -1,0 +1,74 @@
+"""The run config: parsed once, every bad value named with what is allowed."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.common.config import flatten_dict
+
+from feddistill.config import Config, ConfigError, config_from_json, known_keys, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_defaults_match_dataclass_defaults() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app_config = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
+    assert app_config == Config().to_flat()
+    assert parse_config(app_config) == Config()
+
+
+def test_flat_round_trip() -> None:
+    cfg = parse_config({"rounds": 3, "data.alpha": 0.25, "compression.uplink": "topk:0.1+q8"})
+    assert cfg.rounds == 3 and cfg.data.alpha == 0.25
+    assert config_from_json(cfg.to_json()) == cfg
+    assert parse_config(cfg.to_flat()) == cfg
+
+
+def test_int_accepted_for_float_keys() -> None:
+    assert parse_config({"distill.temperature": 3}).distill.temperature == 3.0
+
+
+@pytest.mark.parametrize(
+    ("flat", "match"),
+    [
+        ({"rounds": 0}, r"rounds = 0: expected a number in \[1"),
+        ({"rounds": "5"}, r"rounds = '5': expected an integer"),
+        ({"rounds": True}, r"rounds = True: expected an integer"),
+        ({"data.alpha": 0.0}, r"data.alpha = 0.0: expected a number in \(0"),
+        ({"data.alpha": -1}, r"data.alpha = -1.0"),
+        ({"data.partitioning": "zipf"}, r"data.partitioning = 'zipf'.*'iid', 'dirichlet'"),
+        ({"distill.temperature": 0}, r"distill.temperature = 0.0"),
+        ({"distill.alpha": 1.5}, r"distill.alpha = 1.5: expected a number in \[0, 1\]"),
+        ({"distill.mutual": 1}, r"distill.mutual = 1: expected true or false"),
+        ({"server.strategy": "fedsgd"}, r"server.strategy = 'fedsgd'.*'fedavg'"),
+        ({"server.clients-per-round": 2.5}, r"server.clients-per-round = 2.5"),
+        ({"compression.uplink": "topk:2"}, r"compression.uplink = 'topk:2'"),
+        ({"compression.uplink": "zip"}, r"compression.uplink = 'zip'"),
+        ({"train.precision": "fp8"}, r"train.precision = 'fp8'"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(flat: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config(flat)
+
+
+def test_unknown_key_suggests_close_match() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.alpah'.*data.alpha"):
+        parse_config({"data.alpah": 0.5})
+
+
+def test_clients_per_round_fraction_or_count() -> None:
+    s = parse_config({"server.clients-per-round": 0.3}).server
+    assert s.num_sampled(s.clients_per_round, 10) == 3
+    s = parse_config({"server.clients-per-round": 4}).server
+    assert s.num_sampled(s.clients_per_round, 10) == 4
+    assert s.num_sampled(s.clients_per_round, 3) == 3  # never more than exist
+
+
+def test_known_keys_are_dotted_and_hyphenated() -> None:
+    keys = known_keys()
+    assert "distill.temperature" in keys and "data.num-clients" in keys
+    assert all("_" not in k for k in keys)

@@ -1,0 +1,83 @@
+"""KD loss: matches a hand computation, masks padding, validates T and alpha."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from feddistill.distill.losses import KDLoss, kd_objective
+
+
+def _softmax(xs: list[float], t: float) -> list[float]:
+    e = [math.exp(x / t) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def test_matches_hand_computation() -> None:
+    s = [[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]
+    t = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    y = [0, 2]
+    temp = 2.0
+    kd_rows, ce_rows = [], []
+    for srow, trow, label in zip(s, t, y, strict=True):
+        ps, pt = _softmax(srow, temp), _softmax(trow, temp)
+        kd_rows.append(sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True)))
+        p1 = _softmax(srow, 1.0)
+        ce_rows.append(-math.log(p1[label]))
+    parts = KDLoss(temp)(torch.tensor(s), torch.tensor(t), torch.tensor(y))
+    assert parts.kd.item() == pytest.approx(sum(kd_rows) / 2, rel=1e-5)
+    assert parts.ce.item() == pytest.approx(sum(ce_rows) / 2, rel=1e-5)
+    mixed = kd_objective(parts, alpha=0.3, temperature=temp)
+    expected = 0.3 * sum(ce_rows) / 2 + 0.7 * temp**2 * sum(kd_rows) / 2
+    assert mixed.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_identical_logits_give_zero_kd() -> None:
+    x = torch.randn(4, 5)
+    assert KDLoss(3.0)(x, x.clone()).kd.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_padding_mask_excludes_positions() -> None:
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    y = torch.randint(0, 3, (2, 4))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    masked = KDLoss(2.0)(s, t, y, mask)
+    keep = mask.reshape(-1)
+    direct = KDLoss(2.0)(s.reshape(-1, 3)[keep], t.reshape(-1, 3)[keep], y.reshape(-1)[keep])
+    assert masked.kd.item() == pytest.approx(direct.kd.item(), rel=1e-6)
+    assert masked.ce.item() == pytest.approx(direct.ce.item(), rel=1e-6)
+    # garbage in padded positions must not change the loss
+    s2 = s.clone()
+    s2[0, 3] = 1e4
+    assert KDLoss(2.0)(s2, t, y, mask).kd.item() == pytest.approx(masked.kd.item(), rel=1e-6)
+
+
+def test_half_precision_logits_use_float32_softmax() -> None:
+    s = torch.tensor([[30.0, -30.0]], dtype=torch.bfloat16)
+    t = torch.tensor([[-30.0, 30.0]], dtype=torch.bfloat16)
+    kd = KDLoss(1.0)(s, t).kd
+    assert kd.dtype == torch.float32 and torch.isfinite(kd)
+
+
+def test_gradient_reaches_student_only() -> None:
+    s = torch.randn(3, 4, requires_grad=True)
+    t = torch.randn(3, 4, requires_grad=True)
+    kd_objective(KDLoss(2.0)(s, t, torch.tensor([0, 1, 2])), 0.5, 2.0).backward()
+    assert s.grad is not None and t.grad is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_rejects_bad_temperature(temperature: float) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        KDLoss(temperature)
+
+
+def test_rejects_bad_alpha_and_shape_mismatch() -> None:
+    parts = KDLoss(2.0)(torch.zeros(1, 2), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="alpha"):
+        kd_objective(parts, 1.5, 2.0)
+    with pytest.raises(ValueError, match="same label set"):
+        KDLoss(2.0)(torch.zeros(1, 2), torch.zeros(1, 3))
