@@ -11,11 +11,10 @@ import json
 import logging
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from feddistill import __version__
 from feddistill.config import Config, ConfigError, known_keys, parse_config

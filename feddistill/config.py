@@ -117,7 +117,7 @@ class ModelConfig:
     student: str = "derived"
     student_layers: int = 2
     layer_selection: str = "every-other"
-    freeze_embeddings: bool = True
+    freeze_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if not self.teacher:
@@ -132,9 +132,9 @@ class ModelConfig:
 class TeacherConfig:
     """Local fine-tuning of each client's teacher (done once per client, then cached)."""
 
-    epochs: int = 4
+    epochs: int = 6
     lr: float = 1e-3
-    batch_size: int = 32
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
         _check_range("teacher.epochs", self.epochs, lo=0, hi=1000)
@@ -146,7 +146,7 @@ class TeacherConfig:
 class DistillConfig:
     """``alpha * CE + (1 - alpha) * T^2 * KL`` (Hinton et al. 2015); FedKD-style mutual option."""
 
-    alpha: float = 0.5
+    alpha: float = 0.8
     temperature: float = 2.0
     mutual: bool = False
 
@@ -160,8 +160,8 @@ class TrainConfig:
     """Client-side training of the received global student in each round."""
 
     local_epochs: int = 2
-    lr: float = 2e-3
-    batch_size: int = 32
+    lr: float = 1e-3
+    batch_size: int = 8
     weight_decay: float = 0.0
     device: str = "auto"
     precision: str = "fp32"
@@ -252,7 +252,7 @@ class Config:
     ``data-path`` and the server only knows the label set (``data.labels`` or ``data.source``).
     """
 
-    rounds: int = 8
+    rounds: int = 10
     seed: int = 0
     mode: str = "simulation"
     output_dir: str = "feddistill-out"

@@ -26,8 +26,15 @@ def test_tiny_federation_end_to_end(tmp_path: Path) -> None:
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
-        assert set(r) >= {"round", "accuracy", "loss", "bytes_up", "bytes_down", "seconds",
-                          "failures"}
+        assert set(r) >= {
+            "round",
+            "accuracy",
+            "loss",
+            "bytes_up",
+            "bytes_down",
+            "seconds",
+            "failures",
+        }
         assert r["failures"] == 0 and r["replies"] == 3
         assert 0.0 <= r["accuracy"] <= 1.0
         assert len(r["bytes_up_per_client"]) == 3 and len(r["bytes_down_per_client"]) == 3
@@ -41,7 +48,8 @@ def test_tiny_federation_end_to_end(tmp_path: Path) -> None:
     assert final["bytes_up_total"] == sum(r["bytes_up"] for r in rounds)
 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "round-0001.safetensors", "round-0002.safetensors",
+        "round-0001.safetensors",
+        "round-0002.safetensors",
     ]
     student = AutoModelForSequenceClassification.from_pretrained(out / "student")
     tokenizer = AutoTokenizer.from_pretrained(out / "student")

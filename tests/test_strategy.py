@@ -39,20 +39,26 @@ def _arrays(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarra
 
 
 def _request(node: int) -> Message:
-    return Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=node,
-                   message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN
+    )
 
 
 def _reply(node: int, record: ArrayRecord, n: int) -> Message:
-    content = RecordDict({keys.ARRAYS: record,
-                          keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, "loss": 1.0})})
+    content = RecordDict(
+        {keys.ARRAYS: record, keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, "loss": 1.0})}
+    )
     return Message(content, reply_to=_request(node))
 
 
 def _wrapper(inner: Strategy, initial: dict[str, np.ndarray], uplink: str) -> CompressedStrategy:
     wrapper = CompressedStrategy(
-        inner, schema=SCHEMA, initial=initial, uplink=parse_spec(uplink),
-        downlink=parse_spec("none"), max_payload_bytes=1 << 20,
+        inner,
+        schema=SCHEMA,
+        initial=initial,
+        uplink=parse_spec(uplink),
+        downlink=parse_spec("none"),
+        max_payload_bytes=1 << 20,
     )
     return wrapper
 
@@ -64,8 +70,13 @@ def _prime(wrapper: CompressedStrategy, global_arrays: dict[str, np.ndarray]) ->
 
 @pytest.mark.parametrize(
     "make_inner",
-    [FedAvg, FedMedian, lambda: FedTrimmedAvg(beta=0.2),
-     lambda: FedAdam(eta=0.1), lambda: FedYogi(eta=0.1)],
+    [
+        FedAvg,
+        FedMedian,
+        lambda: FedTrimmedAvg(beta=0.2),
+        lambda: FedAdam(eta=0.1),
+        lambda: FedYogi(eta=0.1),
+    ],
     ids=["fedavg", "fedmedian", "fedtrimmedavg", "fedadam", "fedyogi"],
 )
 def test_none_codec_equals_flower_on_dense_weights(make_inner) -> None:
@@ -116,8 +127,10 @@ def test_compressed_fedavg_applies_mean_of_decoded_deltas() -> None:
 def test_garbage_reply_is_dropped_and_counted() -> None:
     rng = np.random.default_rng(2)
     initial, global_w = _arrays(rng), _arrays(rng)
-    good = [_reply(i, payload_record(encode(_arrays(rng, 0.1), parse_spec("none")).payload), 10)
-            for i in range(2)]
+    good = [
+        _reply(i, payload_record(encode(_arrays(rng, 0.1), parse_spec("none")).payload), 10)
+        for i in range(2)
+    ]
     garbage = _reply(99, payload_record(rng.integers(0, 256, 500).astype(np.uint8)), 10)
     wrong_dtype = _reply(98, ArrayRecord({keys.PAYLOAD: Array(np.zeros(8, np.float32))}), 10)
     no_examples = _reply(97, payload_record(encode(_arrays(rng), parse_spec("none")).payload), 0)
