@@ -244,6 +244,21 @@ class CompressionConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """Node-local client state on disk (fine-tuned teachers, logits, residuals).
+
+    ``max_mb`` bounds the cache of fine-tuned teachers per node folder (0 = unbounded): the least
+    recently used are evicted and recomputed when their client is sampled again. Residuals are
+    never evicted (dropping one would silently lose error feedback).
+    """
+
+    max_mb: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_range("cache.max-mb", self.max_mb, lo=0)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run: one instance, shared by the server and (via messages) the clients.
 
@@ -258,6 +273,7 @@ class Config:
     output_dir: str = "feddistill-out"
     cache_dir: str = ""
     checkpoints: bool = True
+    resume: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -265,6 +281,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
         _check_range("rounds", self.rounds, lo=1, hi=100_000)

@@ -64,6 +64,7 @@ class CompressedStrategy(Strategy):
         downlink: CompressionSpec,
         max_payload_bytes: int,
         seed: int = 0,
+        min_replies: int = 1,
     ) -> None:
         self.inner = inner
         self.schema = [(n, tuple(s)) for n, s in schema]
@@ -73,6 +74,7 @@ class CompressedStrategy(Strategy):
         self.downlink = downlink
         self.max_payload_bytes = max_payload_bytes
         self.seed = seed
+        self.min_replies = min_replies
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] | None = None
 
@@ -162,7 +164,11 @@ class CompressedStrategy(Strategy):
                 continue
             valid.append(msg)
         stats.replies = len(valid)
-        if not valid:
+        if len(valid) < self.min_replies:
+            # Too few clients answered (dropouts, timeouts, bad payloads): keep the global model
+            # rather than let one or two clients move it.
+            log.warning("round %d: %d valid replies < server.min-replies = %d; global unchanged",
+                        server_round, len(valid), self.min_replies)
             return None, None
         result = self.inner.aggregate_train(server_round, valid)
         if result[1] is not None:

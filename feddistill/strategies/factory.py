@@ -73,4 +73,5 @@ def build_strategy(
         downlink=parse_spec(cfg.compression.downlink),
         max_payload_bytes=int(cfg.compression.max_payload_mb * 2**20),
         seed=cfg.seed,
+        min_replies=cfg.server.min_replies,
     )
