@@ -195,6 +195,7 @@ class ServerConfig:
     momentum: float = 0.9
     trim_beta: float = 0.2
     local_only: str = "auto"
+    local_only_epochs: int = 10
 
     def __post_init__(self) -> None:
         _check_choice("server.strategy", self.strategy, STRATEGIES)
@@ -216,6 +217,7 @@ class ServerConfig:
         _check_range("server.momentum", self.momentum, lo=0, hi=1)
         _check_range("server.trim-beta", self.trim_beta, lo=0, hi=0.5)
         _check_choice("server.local-only", self.local_only, ("auto", "on", "off"))
+        _check_range("server.local-only-epochs", self.local_only_epochs, lo=1, hi=10_000)
 
     def num_sampled(self, value: float, num_clients: int) -> int:
         """Clients for a round: ``value`` < 1 is a fraction of ``num_clients``, else a count."""
@@ -225,10 +227,16 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """Codec specs for each direction; grammar in :func:`feddistill.codec.parse_spec`."""
+    """Codec specs for each direction; grammar in :func:`feddistill.codec.parse_spec`.
 
-    uplink: str = "none"
-    downlink: str = "none"
+    Defaults: clients send the top 1% of each tensor of their update, 4-bit with per-chunk
+    scales, keeping what was dropped for the next round (error feedback); the server broadcasts
+    ``global - initial`` in 8 bits. On the embedded default this ends as accurate as the dense
+    run in 3x the rounds with ~100x fewer uplink bytes (README "Compression").
+    """
+
+    uplink: str = "topk:0.01+q4+ef"
+    downlink: str = "q8"
     max_payload_mb: float = 512.0
 
     def __post_init__(self) -> None:
@@ -267,7 +275,7 @@ class Config:
     ``data-path`` and the server only knows the label set (``data.labels`` or ``data.source``).
     """
 
-    rounds: int = 10
+    rounds: int = 30
     seed: int = 0
     mode: str = "simulation"
     output_dir: str = "feddistill-out"

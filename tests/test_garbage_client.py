@@ -1,0 +1,58 @@
+"""One client sends garbage every round: the round completes with the others (issue 3)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from feddistill import keys
+from feddistill.client import app as real_client
+from feddistill.server.app import make_server_app
+from feddistill.simulation.engine import backend_config, offline_environment
+from feddistill.wire import payload_record
+from tests.conftest import tiny_config
+
+garbage_app = ClientApp()
+
+
+@garbage_app.train()
+def train(msg: Message, context: Context) -> Message:
+    reply = real_client.train(msg, context)
+    if int(context.node_config["partition-id"]) == 0 and not reply.has_error():
+        junk = np.random.default_rng(0).integers(0, 256, 4096).astype(np.uint8)
+        reply.content[keys.ARRAYS] = payload_record(junk)
+    return reply
+
+
+@garbage_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return real_client.evaluate(msg, context)
+
+
+def test_round_completes_without_the_garbage_client(tmp_path: Path) -> None:
+    offline_environment()
+    from flwr.simulation import run_simulation
+
+    cfg = tiny_config(tmp_path, **{"compression.uplink": "topk:0.1+q4+ef",
+                                   "compression.downlink": "q8", "server.local-only": "off"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(cfg.to_flat()),
+            client_app=garbage_app,
+            num_supernodes=cfg.data.num_clients,
+            backend_config=backend_config(1.0, 0.0, verbose=False),
+        )
+    results = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for r in results["rounds"]:
+        assert r["replies"] == 2 and r["failures"] == 1
+        (reason,) = r["failure_reasons"]
+        assert "invalid payload" in reason
+    assert results["final"]["failures_total"] == 2
+    assert results["final"]["accuracy"] is not None
