@@ -1,0 +1,63 @@
+"""ClientApp edges: a tampered downlink becomes a clear error reply, never a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from feddistill import keys
+from feddistill.client.app import train
+from feddistill.codec import encode, parse_spec
+from feddistill.task import initial_models, source_splits
+from feddistill.wire import payload_record
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _message(cfg, labels, digest: str, payload: np.ndarray) -> Message:
+    config = ConfigRecord({
+        keys.RUN_CONFIG: cfg.to_json(),
+        keys.LABELS: json.dumps(list(labels.names)),
+        keys.INIT_DIGEST: digest,
+        keys.SERVER_ROUND: 1,
+    })
+    content = RecordDict({keys.ARRAYS: payload_record(payload), keys.CONFIG: config})
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def _context(tmp_path: Path) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
+                   state=RecordDict(), run_config={})
+
+
+def test_valid_downlink_trains_and_tampered_downlink_is_refused(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    _, _, labels = source_splits(cfg)
+    models = initial_models(cfg, labels)
+    zero = {n: np.zeros_like(a) for n, a in models.init_arrays.items()}
+    good = encode(zero, parse_spec(cfg.compression.downlink)).payload
+
+    reply = train(_message(cfg, labels, models.digest, good), _context(tmp_path))
+    assert not reply.has_error()
+    assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] > 0
+
+    tampered = good.copy()
+    tampered[8] ^= 0xFF  # schema hash byte
+    reply = train(_message(cfg, labels, models.digest, tampered), _context(tmp_path))
+    assert reply.has_error() and "PayloadError" in reply.error.reason
+
+    truncated = good[: len(good) // 2]
+    reply = train(_message(cfg, labels, models.digest, truncated), _context(tmp_path))
+    assert reply.has_error() and "truncated" in reply.error.reason
+
+    reply = train(_message(cfg, labels, "0" * 16, good), _context(tmp_path))
+    assert reply.has_error() and "initial student mismatch" in reply.error.reason
