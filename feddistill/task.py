@@ -147,15 +147,78 @@ def partition_split(cfg: Config, partition_id: int) -> tuple[TextSplit, TextSpli
     return pick(tr), pick(va)
 
 
-def local_file_split(cfg: Config, path: str, labels: Labels) -> tuple[TextSplit, TextSplit]:
-    """A device's own data file, checked against the run's label set."""
-    data = load_text_dataset(
-        path,
-        split="train",
-        text_column=cfg.data.text_column,
-        label_column=cfg.data.label_column,
+def parse_labels(text: str) -> Labels:
+    """``data.labels``: comma-separated class names, in class-id order (``"world,sports"``)."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not text.strip() or any(not name for name in names):
+        raise DataError(
+            f"data.labels={text!r} has an empty name; expected comma-separated class names "
+            "such as 'world,sports,business'"
+        )
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise DataError(f"data.labels={text!r} names {duplicates} more than once")
+    if len(names) < 2:
+        raise DataError(f"data.labels={text!r} names {len(names)} class; a classifier needs >= 2")
+    return Labels(names)
+
+
+def server_data(cfg: Config) -> tuple[TextSplit | None, Labels]:
+    """What the server knows about the data: the centralized test split (or None) and labels.
+
+    In simulation both come from ``data.source``. In deployment the data stays on the devices:
+    labels come from ``data.labels``, else from ``data.source`` if the server can read it, and
+    the test split only from ``data.test-source`` (without it there is no centralized
+    evaluation and accuracies are null in results.json).
+    """
+    if cfg.mode == "simulation":
+        _, test, labels = source_splits(cfg)
+        return test, labels
+    d = cfg.data
+    if d.labels:
+        labels = parse_labels(d.labels)
+    else:
+        try:  # the test source is read below, with these labels
+            labels = source_splits(cfg.with_overrides({"data.test-source": ""}))[2]
+        except (DataError, OSError) as err:  # OSError: a hub name, offline
+            raise DataError(
+                "mode = 'deployment' needs the label set: set data.labels (e.g. "
+                f'data.labels="world,sports") or a data.source the server can read ({err})'
+            ) from err
+    if not d.test_source:
+        return None, labels
+    test = load_text_dataset(
+        d.test_source,
+        split="test",
+        text_column=d.text_column,
+        label_column=d.label_column,
         label_names=list(labels.names),
-    )
+    ).dataset
+    return TextSplit(list(test["text"]), list(test["label"])), labels
+
+
+def local_file_split(cfg: Config, path: str, labels: Labels) -> tuple[TextSplit, TextSplit]:
+    """A device's own data file (node config ``data-path``), checked against the run's labels.
+
+    Raises DataError naming the path: missing or empty file, missing column, unknown label.
+    """
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DataError(f"data-path {path!r} does not exist on this node (node config data-path)")
+    if file.is_file() and file.stat().st_size == 0:
+        raise DataError(f"data-path {path!r} is an empty file (node config data-path)")
+    try:
+        data = load_text_dataset(
+            str(file),
+            split="train",
+            text_column=cfg.data.text_column,
+            label_column=cfg.data.label_column,
+            label_names=list(labels.names),
+        )
+    except DataError as err:
+        raise DataError(f"data-path {path!r}: {err}") from err
+    except ValueError as err:  # raised by `datasets`, e.g. for a CSV with only a header
+        raise DataError(f"data-path {path!r} could not be read ({err}); has it any rows?") from err
     ds = data.dataset
     idx = np.arange(len(ds))
     tr, va = train_val_split(idx, val_fraction=cfg.data.val_fraction, seed=cfg.seed)

@@ -22,7 +22,9 @@ from feddistill.models.build import Labels, ModelError
 from feddistill.wire import payload_record
 
 _MOD_FAILED_PRECONDITION = 6  # flwr.common.constant.ErrorCode.MOD_FAILED_PRECONDITION
-_EXPECTED = (ClientError, DataError, PayloadError, ModelError, ConfigError)
+# OSError: a missing or unreadable file or cache folder on the device (FileNotFoundError,
+# PermissionError, disk full); its message names the path.
+_EXPECTED = (ClientError, DataError, PayloadError, ModelError, ConfigError, OSError)
 log = logging.getLogger("feddistill.client")
 
 app = ClientApp()

@@ -16,6 +16,10 @@ inner strategy dense weights ``global + delta_i``, so FedAvg gives ``global + me
 FedAdam's pseudo-gradient is ``mean(delta)``, FedMedian takes the median delta, and with the
 "none" codec everything equals Flower's own strategy on dense weights. Invalid replies are
 dropped with a logged reason naming the node and the failed check, and counted as failures.
+
+Resume (``feddistill.server.checkpoint``): ``Strategy.start`` always counts from round 1, so a run
+resumed after round k sets ``round_offset = k`` and every hook sees ``k + round`` (the inner
+strategy and the ``server-round`` it sends, traffic keys, codec seeds).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class CompressedStrategy(Strategy):
         max_payload_bytes: int,
         seed: int = 0,
         min_replies: int = 1,
+        round_offset: int = 0,
     ) -> None:
         self.inner = inner
         self.schema = [(n, tuple(s)) for n, s in schema]
@@ -75,8 +80,10 @@ class CompressedStrategy(Strategy):
         self.max_payload_bytes = max_payload_bytes
         self.seed = seed
         self.min_replies = min_replies
+        self.round_offset = round_offset  # rounds completed before this start() (resume)
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] | None = None
+        self._train_requests: dict[int, list[Message]] = {}  # to name nodes that never replied
 
     # -- helpers ------------------------------------------------------------------------------
     def _round(self, server_round: int) -> RoundTraffic:
@@ -137,18 +144,29 @@ class CompressedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = self.inner.configure_train(server_round, arrays, config, grid)
-        return self._compress_messages(
+        out = self._compress_messages(
             server_round, messages, arrays, self._round(server_round).bytes_down
         )
+        self._train_requests[server_round] = out  # the Grid gives them ids when it sends them
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         stats = self._round(server_round)
+        # Request id -> node. Errors the SuperLink makes up (a node that stopped sending
+        # heartbeats) come from the SuperLink's own node id: name the node asked instead.
+        asked = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in self._train_requests.pop(server_round, [])
+            if m.metadata.message_id  # empty if never sent through a Grid
+        }
         valid: list[Message] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = asked.pop(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
                 reason = f"client error: {msg.error.reason}"
                 stats.failures.append((node, reason))
@@ -163,12 +181,20 @@ class CompressedStrategy(Strategy):
                 log.warning("round %d: dropped reply of node %s: %s", server_round, node, reason)
                 continue
             valid.append(msg)
+        for node in asked.values():  # sent, but nothing came back before the round timed out
+            reason = "no reply within server.round-timeout"
+            stats.failures.append((node, reason))
+            log.warning("round %d: node %s failed: %s", server_round, node, reason)
         stats.replies = len(valid)
         if len(valid) < self.min_replies:
             # Too few clients answered (dropouts, timeouts, bad payloads): keep the global model
             # rather than let one or two clients move it.
-            log.warning("round %d: %d valid replies < server.min-replies = %d; global unchanged",
-                        server_round, len(valid), self.min_replies)
+            log.warning(
+                "round %d: %d valid replies < server.min-replies = %d; global unchanged",
+                server_round,
+                len(valid),
+                self.min_replies,
+            )
             return None, None
         result = self.inner.aggregate_train(server_round, valid)
         if result[1] is not None:
@@ -178,6 +204,7 @@ class CompressedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
         return self._compress_messages(
             server_round, messages, arrays, self._round(server_round).eval_bytes_down
@@ -186,11 +213,14 @@ class CompressedStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         stats = self._round(server_round)
         valid = []
         for msg in replies:
             if msg.has_error():
-                stats.eval_failures.append((msg.metadata.src_node_id, str(msg.error.reason)))
+                node, reason = msg.metadata.src_node_id, str(msg.error.reason)
+                stats.eval_failures.append((node, reason))
+                log.warning("round %d: node %s failed to evaluate: %s", server_round, node, reason)
             else:
                 valid.append(msg)
         if not valid:
