@@ -5,15 +5,20 @@ Layout under the node cache folder (``cache-dir`` in node config, else the run's
     clients/<client-key>/
         teacher-<hash>/model.safetensors   fine-tuned teacher, keyed by teacher+data+hyper-params
         teacher-<hash>/logits.pt           its logits on the client's training split
-        residual.npz                       error-feedback residual of the uplink codec
+        residual-<round>.npz               error-feedback residual of the uplink codec after
+                                           that server round (the last two are kept)
 
 In simulation many virtual clients share one host, so the folder is created only when a client is
 first sampled and nothing about it stays in RAM between rounds: memory depends on the clients
-active at once, not on the total number of clients.
+active at once, not on the total number of clients. Disk is bounded by ``cache.max-mb``: after a
+client saves its teacher, :meth:`ClientState.enforce_teacher_budget` evicts other clients' least
+recently used teachers (a teacher's folder mtime is its last use); residuals are never evicted.
+Several workers may share one cache folder, so every scan tolerates files vanishing under it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -52,11 +57,15 @@ class ClientState:
     def load_teacher(self, key: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
         folder = self.teacher_dir(key)
         weights = folder / "model.safetensors"
-        if not weights.exists():
-            return None
-        logits_path = folder / "logits.pt"
-        logits = torch.load(logits_path) if logits_path.exists() else None
-        return load_file(str(weights)), logits
+        try:
+            state = load_file(str(weights))
+            logits_path = folder / "logits.pt"
+            logits = torch.load(logits_path) if logits_path.exists() else None
+        except FileNotFoundError:
+            return None  # never cached, or evicted (perhaps just now, by another worker)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(folder)  # mark as recently used for the LRU budget
+        return state, logits
 
     def save_teacher(
         self, key: str, state: dict[str, torch.Tensor], logits: torch.Tensor | None
@@ -72,6 +81,34 @@ class ClientState:
             torch.save(logits, tmp / "logits.pt")
         _atomic_replace(tmp, self.teacher_dir(key))
 
+    def enforce_teacher_budget(self, max_bytes: int) -> int:
+        """Evict other clients' least recently used teachers until all fit in ``max_bytes``.
+
+        Counts every ``clients/*/teacher-*`` folder under this node's cache; this client's own
+        teacher is never evicted, so the cache can exceed the budget by at most that teacher.
+        ``max_bytes <= 0`` means unbounded. Returns the bytes freed.
+        """
+        if max_bytes <= 0:
+            return 0
+        total, others = 0, []
+        for folder in self.root.parent.glob("*/teacher-*"):
+            try:
+                used = folder.stat().st_mtime
+            except FileNotFoundError:
+                continue  # evicted or replaced by another worker since the glob
+            size = folder_bytes(folder)
+            total += size
+            if folder.parent != self.root:
+                others.append((used, str(folder), size))
+        freed = 0
+        for _, folder, size in sorted(others):
+            if total <= max_bytes:
+                break
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
+            freed += size
+        return freed
+
     def evict_teachers(self) -> int:
         """Drop cached teachers (recomputed on demand); returns bytes freed."""
         freed = 0
@@ -81,25 +118,56 @@ class ClientState:
         return freed
 
     # -- error-feedback residual --------------------------------------------------------------
-    @property
-    def residual_path(self) -> Path:
-        return self.root / "residual.npz"
+    # One file per server round: when the server dies mid-round and resumes, the redone round
+    # must start from the residual before it, not from the one this client already advanced.
+    def residual_path(self, server_round: int) -> Path:
+        return self.root / f"residual-{server_round:06d}.npz"
 
-    def load_residual(self, schema: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
-        """The stored residual, or {} if absent or from a model with another schema."""
-        arrays = load_arrays(self.residual_path)
-        if not arrays:
+    def _residual_rounds(self) -> list[int]:
+        rounds = []
+        for path in self.root.glob("residual-*.npz"):
+            suffix = path.stem.removeprefix("residual-")
+            if suffix.isdigit():
+                rounds.append(int(suffix))
+        return sorted(rounds)
+
+    def load_residual(
+        self, schema: list[tuple[str, tuple[int, ...]]], before_round: int
+    ) -> dict[str, np.ndarray]:
+        """The residual saved in the latest round < ``before_round``, or {} if there is none or
+        it is from a model with another schema."""
+        earlier = [r for r in self._residual_rounds() if r < before_round]
+        if not earlier:
             return {}
-        if {n: tuple(a.shape) for n, a in arrays.items()} != dict(schema):
+        try:
+            arrays = load_arrays(self.residual_path(earlier[-1]))
+        except FileNotFoundError:
+            return {}
+        if not arrays or {n: tuple(a.shape) for n, a in arrays.items()} != dict(schema):
             return {}
         return arrays
 
-    def save_residual(self, residual: dict[str, np.ndarray]) -> None:
-        save_arrays(self.residual_path, residual)
+    def save_residual(self, residual: dict[str, np.ndarray], server_round: int) -> None:
+        """Save the residual left after ``server_round``; keep only it and the one before it.
+
+        Files of later rounds are from an abandoned run (or a redone round) and are dropped.
+        """
+        save_arrays(self.residual_path(server_round), residual)
+        earlier = [r for r in self._residual_rounds() if r < server_round]
+        keep = {server_round, *earlier[-1:]}
+        for r in self._residual_rounds():
+            if r not in keep:
+                self.residual_path(r).unlink(missing_ok=True)
 
     def disk_bytes(self) -> int:
         return folder_bytes(self.root)
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    """Bytes of the files under ``folder`` (0 if absent); files removed meanwhile count 0."""
+    total = 0
+    for parent, _, files in os.walk(folder):  # os.walk skips folders that vanish
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(parent, name)).st_size
+    return total

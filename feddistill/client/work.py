@@ -7,11 +7,13 @@ fine-tuned (cached on disk), distill the student from it, and return the encoded
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,19 +143,34 @@ def ensure_teacher(
         if logits is None and not cfg.distill.mutual:
             logits = predict_logits(teacher, t_train, device=device)
         return teacher, logits, False
-    fine_tune(
-        teacher,
-        t_train,
-        epochs=cfg.teacher.epochs,
-        lr=cfg.teacher.lr,
-        batch_size=cfg.teacher.batch_size,
-        seed=cfg.seed,
-        device=device,
-        precision=cfg.train.precision,
-    )
+    with torch_seeded(cfg.seed):
+        fine_tune(
+            teacher,
+            t_train,
+            epochs=cfg.teacher.epochs,
+            lr=cfg.teacher.lr,
+            batch_size=cfg.teacher.batch_size,
+            seed=cfg.seed,
+            device=device,
+            precision=cfg.train.precision,
+        )
     logits = None if cfg.distill.mutual else predict_logits(teacher, t_train, device=device)
     state.save_teacher(key, {k: v.cpu() for k, v in teacher.state_dict().items()}, logits)
+    state.enforce_teacher_budget(int(cfg.cache.max_mb * 2**20))
     return teacher, logits, True
+
+
+@contextlib.contextmanager
+def torch_seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global generator for the block only, restoring it afterwards.
+
+    Dropout draws from the global generator, whose state otherwise depends on what the worker
+    process did before (a Ray actor serves several clients; a resumed run starts fresh
+    processes): seeding makes a client's round the same in any process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _round_seed(seed: int, server_round: int, client_key: str) -> int:
@@ -180,29 +197,36 @@ def train_round(
         t_train = encode_texts(
             models.teacher_tokenizer, data.train.texts, data.train.labels, maxlen
         )
-    teacher, logits, fitted = ensure_teacher(cfg, labels, models, data, state, t_train, device)
+    # alpha = 1 without mutual learning is plain FedAvg of the student: the KD term has zero
+    # weight, so fine-tuning a teacher (and predicting its logits) would be wasted work.
+    teacher: torch.nn.Module | None = None
+    logits: torch.Tensor | None = None
+    fitted = False
+    if cfg.distill.alpha < 1.0 or cfg.distill.mutual:
+        teacher, logits, fitted = ensure_teacher(cfg, labels, models, data, state, t_train, device)
 
     student = copy.deepcopy(models.student)
     set_arrays(student, ref)
     seed = _round_seed(cfg.seed, inp.server_round, data.key)
-    stats = distill(
-        student,
-        s_train,
-        logits,
-        epochs=cfg.train.local_epochs,
-        lr=cfg.train.lr,
-        batch_size=cfg.train.batch_size,
-        alpha=cfg.distill.alpha,
-        temperature=cfg.distill.temperature,
-        seed=seed,
-        device=device,
-        precision=cfg.train.precision,
-        weight_decay=cfg.train.weight_decay,
-        teacher=teacher if cfg.distill.mutual else None,
-        teacher_data=t_train,
-        teacher_lr=cfg.teacher.lr,
-        proximal_mu=inp.proximal_mu,
-    )
+    with torch_seeded(seed):
+        stats = distill(
+            student,
+            s_train,
+            logits,
+            epochs=cfg.train.local_epochs,
+            lr=cfg.train.lr,
+            batch_size=cfg.train.batch_size,
+            alpha=cfg.distill.alpha,
+            temperature=cfg.distill.temperature,
+            seed=seed,
+            device=device,
+            precision=cfg.train.precision,
+            weight_decay=cfg.train.weight_decay,
+            teacher=teacher if cfg.distill.mutual else None,
+            teacher_data=t_train,
+            teacher_lr=cfg.teacher.lr,
+            proximal_mu=inp.proximal_mu,
+        )
     if cfg.distill.mutual:  # the teacher learned too; it never leaves the node
         key = teacher_cache_key(cfg, labels, data.train)
         state.save_teacher(key, {k: v.cpu() for k, v in teacher.state_dict().items()}, None)
@@ -211,10 +235,11 @@ def train_round(
     update = {n: after[n] - ref[n] for n in models.names}
     spec = parse_spec(cfg.compression.uplink)
     if spec.error_feedback:
-        update = with_residual(update, state.load_residual(models.schema))
+        residual = state.load_residual(models.schema, before_round=inp.server_round)
+        update = with_residual(update, residual)
     encoded = encode(update, spec, seed=seed)
     if spec.error_feedback:
-        state.save_residual(residual_after(update, encoded.decoded))
+        state.save_residual(residual_after(update, encoded.decoded), inp.server_round)
 
     metrics = {
         "num-examples": float(len(data.train)),
@@ -224,9 +249,11 @@ def train_round(
         "client-seconds": time.perf_counter() - t0,
         "state-bytes": float(state.disk_bytes()),
     }
+    # The cached initial models stay on CPU (only deep copies were moved to the device), so
+    # dropping these copies and emptying the allocator's cache leaves an idle worker no GPU memory.
     del teacher, student
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # do not leave an idle worker holding GPU memory
+        torch.cuda.empty_cache()
     return encoded.payload, metrics
 
 
@@ -242,6 +269,9 @@ def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, fl
         models.student_tokenizer, data.val.texts, data.val.labels, cfg.data.max_length
     )
     stats = evaluate(student, val, device=device, precision=cfg.train.precision)
+    del student
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {
         "num-examples": float(stats.examples),
         "eval-loss": stats.loss if stats.examples else 0.0,
