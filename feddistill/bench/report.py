@@ -1,0 +1,107 @@
+"""bench.md (a markdown table) and bench.png (accuracy against bytes and rounds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from feddistill.bench.spec import CENTRALIZED, LOCAL_ONLY
+from feddistill.server.results import human_bytes
+
+
+def _acc(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _bytes(x: float | None) -> str:
+    return "—" if x is None else human_bytes(x)
+
+
+def format_table(bench: dict[str, Any]) -> str:
+    """One row per scenario; accuracy is on the final test rows, the curve's best on eval."""
+    rows = bench["setting"]["rows"]
+    head = (
+        f"Accuracy on {rows['test']} test rows; 'best (eval)' is the best per-round accuracy "
+        f"on the {rows['eval']}-row eval subset. Bytes are per client per round, up + down.\n\n"
+        "| scenario | accuracy | best (eval) | rounds | bytes/client/round | up total | "
+        "down total | seconds | notes |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
+    lines = [head]
+    for s in bench["scenarios"]:
+        acc = _acc(s["accuracy"])
+        if s.get("accuracy_std") is not None:
+            acc += f" ± {100 * s['accuracy_std']:.2f}"
+        secs = "—" if s["seconds"] is None else f"{s['seconds']:.0f}"
+        lines.append(
+            f"| {s['name']} | {acc} | {_acc(s.get('eval_accuracy_best'))} | {s['rounds']} | "
+            f"{_bytes(s['bytes_per_client_round'])} | {_bytes(s['bytes_up_total'])} | "
+            f"{_bytes(s['bytes_down_total'])} | {secs} | {s['notes']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(bench: dict[str, Any], path: Path) -> None:
+    """Left: accuracy vs cumulative bytes per client (log x); right: accuracy vs round.
+
+    Centralized scenarios and the local-only mean have no curve: horizontal reference lines.
+    Curves are on the eval subset, reference lines on the final test rows.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    styles = {CENTRALIZED[0]: "--", CENTRALIZED[1]: "-.", LOCAL_ONLY: ":"}
+    for s in bench["scenarios"]:
+        curve = [p for p in s.get("curve", []) if p["accuracy"] is not None]
+        if curve:
+            xs = [p["bytes_per_client"] for p in curve if p["bytes_per_client"] > 0]
+            ys = [p["accuracy"] for p in curve if p["bytes_per_client"] > 0]
+            left.plot(xs, ys, marker="o", ms=3, label=s["name"])
+            right.plot(
+                [p["round"] for p in curve],
+                [p["accuracy"] for p in curve],
+                marker="o",
+                ms=3,
+                label=s["name"],
+            )
+        elif s["name"] in styles and s["accuracy"] is not None:
+            for ax in (left, right):
+                ax.axhline(
+                    s["accuracy"],
+                    ls=styles[s["name"]],
+                    color="gray",
+                    lw=1.2,
+                    label=f"{s['name']} ({100 * s['accuracy']:.1f}%)",
+                )
+        elif s.get("bytes_per_client_round"):
+            left.axvline(
+                s["bytes_per_client_round"],
+                ls=":",
+                color="red",
+                lw=1,
+                label=f"{s['name']}: 1 round = {human_bytes(s['bytes_per_client_round'])}",
+            )
+    left.set_xscale("log")
+    left.set_xlabel("cumulative bytes per client (up + down)")
+    left.set_ylabel("accuracy")
+    left.set_title("accuracy vs communication")
+    right.set_xlabel("round")
+    right.set_title("accuracy vs round")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.set_ylim(0, 1)
+    left.legend(fontsize=7, loc="lower right")
+    rows = bench["setting"]["rows"]
+    fig.suptitle(
+        f"{bench['setting']['teacher']} — {rows['train']} train rows, "
+        f"{bench['setting']['partitioning']['num_clients']} clients "
+        f"({bench['setting']['partitioning']['scheme']}); curves on {rows['eval']} eval rows, "
+        f"reference lines on {rows['test']} test rows",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

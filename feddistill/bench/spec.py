@@ -1,0 +1,171 @@
+"""What a benchmark runs: the setting (data, models, recipe) and the named scenarios.
+
+Pure data, no I/O: :mod:`feddistill.bench.run` turns a :class:`BenchSetting` into runs, and the
+scenario table below is the one place where a scenario's name meets its config overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from feddistill.models.build import OFFLINE_MINILM
+
+# Scenarios run in this order: the shared teacher cache is filled by the first KD scenario and
+# reused by every later one (local-only included).
+CENTRALIZED = ("centralized-teacher", "centralized-student")
+LOCAL_ONLY = "local-only"
+TEACHER_FP32 = "fedavg-teacher-fp32"
+ALL_SCENARIOS = (
+    *CENTRALIZED,
+    "fedavg-student-fp32",
+    "feddistill",
+    "topk1-q4-noef",
+    "topk0.1-q4-ef",
+    LOCAL_ONLY,
+    TEACHER_FP32,
+)
+
+
+@dataclass(frozen=True)
+class FederatedScenario:
+    """A federation run through ``simulate``: run-config overrides and which round count."""
+
+    overrides: dict[str, Any]
+    compressed: bool  # compressed runs get ``BenchSetting.compressed_rounds``
+    note: str
+
+
+FEDERATED: dict[str, FederatedScenario] = {
+    "fedavg-student-fp32": FederatedScenario(
+        {"compression.uplink": "none", "compression.downlink": "none", "distill.alpha": 1.0},
+        compressed=False,
+        note="plain FedAvg of the student, float32 both ways, no teacher (distill.alpha = 1)",
+    ),
+    "feddistill": FederatedScenario(
+        {},
+        compressed=True,
+        note="project defaults: KD from each client's fine-tuned teacher, "
+        "uplink topk:0.01+q4+ef, downlink q8",
+    ),
+    "topk1-q4-noef": FederatedScenario(
+        {"compression.uplink": "topk:0.01+q4"},
+        compressed=True,
+        note="KD; uplink top-1% + 4-bit without error feedback; downlink q8",
+    ),
+    "topk0.1-q4-ef": FederatedScenario(
+        {"compression.uplink": "topk:0.001+q4+ef"},
+        compressed=True,
+        note="KD; uplink top-0.1% + 4-bit with error feedback; downlink q8",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class BenchSetting:
+    """Everything that defines a benchmark run; written to ``bench.json`` as ``setting``.
+
+    ``train``/``test`` are csv/json/jsonl files, or ``embedded`` for the synthetic corpus.
+    ``train_rows`` rows of ``train`` are sampled (``seed``) and split over the clients;
+    ``eval_rows`` rows of ``test`` give the per-round curve; the final accuracy of every
+    scenario is measured on ``test_rows`` rows of ``test`` (0 = all of it).
+    """
+
+    out: Path
+    train: str = "embedded"
+    test: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    train_rows: int = 3000
+    eval_rows: int = 2000
+    test_rows: int = 0
+    seed: int = 0
+    teacher: str = OFFLINE_MINILM
+    student_layers: int = 2
+    freeze_embeddings: bool = True
+    max_length: int = 64
+    num_clients: int = 10
+    clients_per_round: float = 5
+    partitioning: str = "dirichlet"
+    alpha: float = 0.5
+    rounds: int = 10
+    compressed_rounds: int = 20
+    scenarios: tuple[str, ...] = ALL_SCENARIOS
+    teacher_epochs: int = 1
+    teacher_lr: float = 1e-4
+    teacher_batch_size: int = 16
+    train_lr: float = 3e-4
+    train_batch_size: int = 32
+    local_epochs: int = 1
+    central_epochs: int = 3
+    local_only_epochs: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE, every scenario
+    preset: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.scenarios if s not in ALL_SCENARIOS]
+        if unknown or not self.scenarios:
+            raise ValueError(
+                f"--scenarios {','.join(self.scenarios)!r}: unknown {unknown}; "
+                f"allowed: {','.join(ALL_SCENARIOS)}"
+            )
+        for name, value in (
+            ("--train-rows", self.train_rows),
+            ("--eval-rows", self.eval_rows),
+            ("--rounds", self.rounds),
+            ("--compressed-rounds", self.compressed_rounds),
+            ("--num-clients", self.num_clients),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.test_rows < 0:
+            raise ValueError(
+                f"--test-rows must be >= 0 (0 = the whole test file), got {self.test_rows}"
+            )
+        if self.train != "embedded" and not self.test:
+            raise ValueError("--train FILE needs --test FILE (the held-out evaluation data)")
+
+    def ordered_scenarios(self) -> list[str]:
+        return [s for s in ALL_SCENARIOS if s in self.scenarios]
+
+    def rounds_for(self, name: str) -> int:
+        return self.compressed_rounds if FEDERATED[name].compressed else self.rounds
+
+    def with_(self, **changes: Any) -> BenchSetting:
+        return replace(self, **changes)
+
+
+# The quick variant: same scenarios minus the three slowest-to-learn compressed variants, on
+# a fifth of the data, so a smoke run ends in minutes on 2 CPU cores.
+QUICK = {
+    "train_rows": 600,
+    "eval_rows": 400,
+    "test_rows": 1000,
+    "rounds": 3,
+    "compressed_rounds": 3,
+    "local_only_epochs": 2,
+    "central_epochs": 2,
+    "scenarios": (
+        "centralized-teacher",
+        "centralized-student",
+        "fedavg-student-fp32",
+        "feddistill",
+        LOCAL_ONLY,
+        TEACHER_FP32,
+    ),
+}
+
+
+def find_agnews(repo_root: Path, cwd: Path) -> Path:
+    """``<repo>/../shared/data/agnews``, else the same relative to the working directory."""
+    tried = []
+    for base in (repo_root, cwd):
+        folder = (base / ".." / "shared" / "data" / "agnews").resolve()
+        tried.append(str(folder))
+        if (folder / "train.csv").is_file() and (folder / "test.csv").is_file():
+            return folder
+    raise FileNotFoundError(
+        "--preset agnews needs train.csv and test.csv in ../shared/data/agnews relative to the "
+        f"repository root or the working directory; looked in {tried}. Pass --train/--test."
+    )

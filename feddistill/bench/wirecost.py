@@ -1,0 +1,100 @@
+"""Exact bytes of a dense float32 FedAvg exchange, measured on real Flower messages.
+
+Used for scenarios too slow to run (FedAvg of the whole teacher): the messages are built as
+Flower's FedAvg would send them (an ArrayRecord of float32 arrays, plus the run config down and
+the metrics up) and sized with :func:`feddistill.wire.message_bytes`, the same count the
+strategy wrapper records for runs that do happen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from feddistill import keys
+from feddistill.wire import message_bytes
+
+
+@dataclass(frozen=True)
+class DenseCost:
+    """Bytes of one client's round: ``down`` (server -> client) and ``up`` (its reply)."""
+
+    parameters: int
+    arrays: int
+    down: int
+    up: int
+
+    @property
+    def per_client_round(self) -> int:
+        return self.down + self.up
+
+
+def dense_exchange_bytes(
+    arrays: dict[str, np.ndarray], config: dict[str, str] | None = None
+) -> DenseCost:
+    """Sizes of a dense float32 round trip carrying ``arrays`` (name -> array).
+
+    Down: ``{arrays: ArrayRecord, config: ConfigRecord(config)}`` as ``configure_train`` sends;
+    up: ``{arrays: ArrayRecord, metrics: MetricRecord}`` as a client replies. Each is the array
+    bytes (``numel * 4``) plus Flower's framing (record and array headers, chunk objects).
+    """
+    record = ArrayRecord(
+        {n: Array(np.ascontiguousarray(a, dtype=np.float32)) for n, a in arrays.items()}
+    )
+    with _outside_runtime():
+        down, up = _round_trip(record, config, arrays)
+    return DenseCost(
+        parameters=int(sum(a.size for a in arrays.values())),
+        arrays=len(arrays),
+        down=message_bytes(down),
+        up=message_bytes(up),
+    )
+
+
+def _round_trip(
+    record: ArrayRecord, config: dict[str, str] | None, arrays: dict[str, np.ndarray]
+) -> tuple[Message, Message]:
+    down = Message(
+        RecordDict({keys.ARRAYS: record, keys.CONFIG: ConfigRecord(dict(config or {}))}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    reply_record = ArrayRecord(
+        {n: Array(np.ascontiguousarray(a, dtype=np.float32)) for n, a in arrays.items()}
+    )
+    metrics = MetricRecord({keys.NUM_EXAMPLES: 1.0, keys.TRAIN_LOSS: 0.0})
+    up = Message(
+        RecordDict({keys.ARRAYS: reply_record, keys.METRICS: metrics}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    return down, up
+
+
+@contextlib.contextmanager
+def _outside_runtime() -> Iterator[None]:
+    """Messages need a task identity, which only a Flower runtime sets; lend one if unset.
+
+    The ids end up in the message metadata, which :func:`message_bytes` does not count.
+    """
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    if saved[0] is None:
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def trainable_arrays(model: object) -> dict[str, np.ndarray]:
+    """Every parameter with ``requires_grad`` as float32 (what FedAvg of the model ships)."""
+    return {
+        n: p.detach().cpu().float().numpy()
+        for n, p in model.named_parameters()  # type: ignore[attr-defined]
+        if p.requires_grad
+    }

@@ -1,0 +1,172 @@
+"""``feddistill bench``: the machinery end to end on tiny data, and the dense-bytes count."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from feddistill.bench import BenchSetting, dense_exchange_bytes, run_bench
+from feddistill.bench.cli import add_arguments, setting_from_args
+from feddistill.bench.report import format_table
+from feddistill.bench.spec import ALL_SCENARIOS, QUICK
+from feddistill.bench.wirecost import trainable_arrays
+from feddistill.data import make_corpus
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Flower frames each Array as its own object (header, shape, dtype, chunk references), the
+# record and the message content add a little more: measured ~600 B per array, ~1 KB fixed.
+FRAMING_PER_ARRAY = 1024
+FRAMING_FIXED = 16 * 1024
+
+
+def _write(path: Path, n: int, seed: int) -> None:
+    texts, labels = make_corpus(n, num_classes=3, label_noise=0.0, seed=seed)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence", "topic"])
+        w.writerows(zip(texts, labels, strict=True))
+
+
+def test_dense_exchange_bytes_is_params_times_four_plus_framing() -> None:
+    # Prepare: a micro BERT teacher's trainable arrays
+    from feddistill.models.build import Labels, build_teacher, builtin_tokenizer
+
+    tok = builtin_tokenizer(32)
+    teacher = build_teacher("builtin:micro", Labels(("a", "b", "c")), tok, seed=0)
+    teacher.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    arrays = trainable_arrays(teacher)
+    numel = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
+
+    # Execute
+    cost = dense_exchange_bytes(arrays, {"feddistill.config": "{}"})
+
+    # Assert: frozen arrays are not shipped; both directions carry numel float32 plus framing
+    assert "bert.embeddings.word_embeddings.weight" not in arrays
+    assert cost.parameters == numel and cost.arrays == len(arrays)
+    for size in (cost.up, cost.down):
+        assert numel * 4 < size <= numel * 4 + FRAMING_PER_ARRAY * len(arrays) + FRAMING_FIXED
+    assert cost.per_client_round == cost.up + cost.down
+
+
+def test_dense_exchange_bytes_grows_by_the_added_floats() -> None:
+    small = dense_exchange_bytes({"w": np.ones((10, 10), np.float32)})
+    big = dense_exchange_bytes({"w": np.ones((10, 110), np.float32)})
+    # 1000 more float32; a longer shape and length fields cost a few framing bytes more
+    for grown in (big.down - small.down, big.up - small.up):
+        assert 1000 * 4 <= grown <= 1000 * 4 + 16
+
+
+def test_setting_rejects_unknown_scenario(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        BenchSetting(out=tmp_path, scenarios=("feddistill", "fedsgd"))
+
+
+def test_quick_flag_overrides_preset_and_explicit_options_win(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--quick", "--rounds", "4"])
+    setting = setting_from_args(args, tmp_path, tmp_path)  # no agnews here: embedded corpus
+    assert setting.train == "embedded" and setting.preset == "quick (modified: rounds=4)"
+    assert setting.train_rows == QUICK["train_rows"] and setting.rounds == 4
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--preset", "agnews"])
+    with pytest.raises(FileNotFoundError, match="agnews"):
+        setting_from_args(args, tmp_path, tmp_path)
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_on_tiny_csv(tmp_path: Path) -> None:
+    # Prepare: tiny csv files with their own column names, a micro teacher
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    _write(train, 150, seed=1)
+    _write(test, 90, seed=2)
+    setting = BenchSetting(
+        out=tmp_path / "bench",
+        train=str(train),
+        test=str(test),
+        text_column="sentence",
+        label_column="topic",
+        teacher="builtin:micro",
+        max_length=32,
+        num_clients=3,
+        clients_per_round=2,
+        train_rows=120,
+        eval_rows=60,
+        rounds=2,
+        compressed_rounds=2,
+        train_batch_size=16,
+        scenarios=("centralized-teacher", "feddistill", "fedavg-teacher-fp32"),
+    )
+
+    # Execute
+    bench = run_bench(setting, echo=lambda _: None)
+
+    # Assert: bench.json keys, the table, a real PNG
+    out = setting.out
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["setting"]["rows"] == {
+        "train_pool": 150,
+        "test_pool": 90,
+        "train": 120,
+        "eval": 60,
+        "test": 90,
+    }
+    assert {"versions", "machine", "date", "seeds", "partitioning"} <= set(saved["setting"])
+    names = [s["name"] for s in saved["scenarios"]]
+    assert names == ["centralized-teacher", "feddistill", "fedavg-teacher-fp32"]
+    for s in saved["scenarios"]:
+        for key in ("name", "accuracy", "bytes_per_client_round", "bytes_up_total", "rounds"):
+            assert key in s, (s["name"], key)
+        assert "error" not in s, s
+    central, fed, teacher = saved["scenarios"]
+    assert 0.0 <= central["accuracy"] <= 1.0
+    assert 0.0 <= fed["accuracy"] <= 1.0 and fed["rounds"] == 2
+    assert [p["round"] for p in fed["curve"]] == [0, 1, 2]
+    assert fed["curve"][-1]["bytes_per_client"] == pytest.approx(2 * fed["bytes_per_client_round"])
+    assert fed["bytes_up_total"] > 0 and fed["bytes_down_total"] > 0
+    assert teacher["accuracy"] is None and "not run" in teacher["notes"]
+    assert teacher["bytes_per_client_round"] > 8 * saved["setting"]["rows"]["train"]
+    table = (out / "bench.md").read_text()
+    assert table.strip() == format_table(bench).strip()
+    assert all(f"| {n} |" in table for n in names)
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 10_000
+    for name in ("train", "eval", "test"):
+        assert (out / "data" / f"{name}.csv").is_file()
+
+
+def test_all_scenarios_have_fixed_names() -> None:
+    assert ALL_SCENARIOS == (
+        "centralized-teacher",
+        "centralized-student",
+        "fedavg-student-fp32",
+        "feddistill",
+        "topk1-q4-noef",
+        "topk0.1-q4-ef",
+        "local-only",
+        "fedavg-teacher-fp32",
+    )
+
+
+def test_shared_cache_keeps_teachers_but_not_residuals_between_scenarios(tmp_path: Path) -> None:
+    # Prepare: a client's state as an earlier error-feedback scenario leaves it
+    import torch
+
+    from feddistill.bench.run import _drop_residuals
+    from feddistill.client.state import ClientState
+
+    state = ClientState.open(tmp_path, "partition-0-of-2")
+    state.save_teacher("k", {"w": torch.ones(2)}, torch.zeros(3, 2))
+    state.save_residual({"w": np.ones(2, np.float32)}, server_round=3)
+
+    # Execute
+    dropped = _drop_residuals(tmp_path)
+
+    # Assert: the next scenario's round 5 finds no residual, the teacher is still cached
+    assert dropped == 1
+    assert state.load_residual([("w", (2,))], before_round=5) == {}
+    assert state.load_teacher("k") is not None
