@@ -80,10 +80,26 @@ def _coerce_count(value: float) -> float | int:
     return int(value) if value >= 1 and value == int(value) else value
 
 
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Run-config keys from a TOML file; ``data.alpha = 0.3`` and ``"data.alpha" = 0.3`` alike
+    (unquoted dotted keys are nested tables to TOML, so they are flattened back)."""
+
+    def flatten(table: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            if isinstance(value, dict):
+                out.update(flatten(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    return flatten(tomllib.loads(Path(path).read_text()), "")
+
+
 def simulate_config(args: argparse.Namespace) -> Config:
     flat: dict[str, Any] = {}
     if args.config:
-        flat.update(tomllib.loads(Path(args.config).read_text()))
+        flat.update(load_config_file(args.config))
     for flag, key, _, _ in SIMULATE_OPTIONS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -115,6 +131,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cpus_per_client=args.cpus_per_client,
         gpus_per_client=args.gpus_per_client,
         verbose=args.verbose,
+        progress=args.progress,
     )
     if not results.get("final") or not results.get("rounds"):
         log.error("the run did not complete; see %s", cfg.output_dir)
@@ -164,7 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-client",
         type=float,
         default=0.0,
-        help="GPU fraction per client, e.g. 0.25 = four clients share a GPU (default 0: CPU)",
+        help="GPU fraction per client, e.g. 0.25 = four clients share a GPU (default 0: CPU); "
+        "without a CUDA device the clients run on CPU",
+    )
+    sim.add_argument(
+        "--progress",
+        choices=("auto", "tty", "lines", "off"),
+        default="auto",
+        help="round progress on stderr: one updating line on a terminal (tty), one line per "
+        "round otherwise (lines); default auto",
     )
     sim.add_argument("--config", metavar="TOML", help="file of run-config keys (flat, dotted)")
     sim.add_argument(
@@ -199,6 +224,27 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
     bc.add_argument("--json", action="store_true", help="print one JSON list")
     bc.set_defaults(func=cmd_bench_codec)
+
+    bs = sub.add_parser(
+        "bench-scale",
+        help="simulation scale benchmark: memory and s/round against total clients",
+        description="For each total client count, run `feddistill simulate` (10 clients per "
+        "round, tiny model) in a subprocess and measure the peak RSS of its whole process tree "
+        "(Ray included) and seconds per round after the first, then the same clients' work in "
+        "a plain loop for the overhead ratio.",
+    )
+    from feddistill.simulation import scale
+
+    scale.add_arguments(bs)
+    bs.set_defaults(func=scale.run_command)
+
+    from feddistill.bench import cli as bench_cli
+
+    bench = sub.add_parser(
+        "bench", help="benchmark: accuracy vs bytes, centralized / local-only / federated"
+    )
+    bench_cli.add_arguments(bench)
+    bench.set_defaults(func=bench_cli.run_command)
 
 
 def cmd_bench_codec(args: argparse.Namespace) -> int:

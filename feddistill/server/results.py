@@ -72,6 +72,7 @@ class RunRecord:
         traffic: RoundTraffic,
         seconds: float,
         dense_bytes_per_client: int,
+        client_state: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         up = sum(traffic.bytes_up.values())
         down = sum(traffic.bytes_down.values())
@@ -98,6 +99,7 @@ class RunRecord:
             "federated_evaluation": traffic.eval_metrics,
             "seconds": seconds,
             "elapsed": time.time() - self.started,
+            **(client_state or {}),  # state_bytes_mean / state_bytes_max of sampled clients
         }
         self.rounds.append(entry)
         acc = "n/a" if entry["accuracy"] is None else f"{accuracy:.4f}"

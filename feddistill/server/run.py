@@ -1,7 +1,9 @@
 """The server's run: set up, let the strategy run the rounds, record, export.
 
 ``run_server`` is what the ServerApp's ``main`` calls, under ``flwr run`` (simulation or
-deployment) and under ``feddistill simulate`` alike.
+deployment) and under ``feddistill simulate`` alike. After every round it saves the state a
+resumed run needs (:mod:`feddistill.server.checkpoint`); with ``resume = true`` it continues
+from there.
 """
 
 from __future__ import annotations
@@ -13,21 +15,31 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from feddistill import __version__, keys
-from feddistill.client.state import ClientState
+from feddistill.client.state import ClientState, folder_bytes
 from feddistill.client.work import ensure_teacher, node_data
 from feddistill.codec import dense_float32_bytes
 from feddistill.config import Config
 from feddistill.distill.train import Encoded, distill, encode_texts, evaluate, pick_device
 from feddistill.models.build import Labels, count_parameters, save_student, set_arrays
+from feddistill.server.checkpoint import (
+    ReproducibleGrid,
+    load_state,
+    restore,
+    save_state,
+    snapshot,
+    state_path,
+)
+from feddistill.server.progress import RoundWatch, WatchedGrid
 from feddistill.server.results import RunRecord, summarize_local_only
-from feddistill.strategies import build_strategy
-from feddistill.task import InitialModels, initial_models, partitions, source_splits
+from feddistill.strategies import CompressedStrategy, build_strategy
+from feddistill.task import InitialModels, initial_models, partitions, server_data
 
 log = logging.getLogger("feddistill")
 
@@ -42,8 +54,8 @@ def resolve_paths(cfg: Config) -> Config:
 def local_only_accuracies(
     cfg: Config, labels: Labels, models: InitialModels, test: Encoded
 ) -> list[float]:
-    """Each client's student trained on its own data only, with the same recipe and budget
-    (KD from its own teacher, ``rounds * local_epochs`` epochs): the floor federation must beat.
+    """Each client's student trained on its own data only, with the same recipe (KD from its
+    own teacher) for ``server.local-only-epochs`` epochs: the floor a federation must beat.
     """
     device = pick_device(cfg.train.device)
     accs = []
@@ -64,7 +76,7 @@ def local_only_accuracies(
             student,
             enc,
             logits,
-            epochs=cfg.rounds * cfg.train.local_epochs,
+            epochs=cfg.server.local_only_epochs,
             lr=cfg.train.lr,
             batch_size=cfg.train.batch_size,
             alpha=cfg.distill.alpha,
@@ -86,16 +98,28 @@ def _want_local_only(cfg: Config, simulated: bool) -> bool:
     return cfg.server.local_only == "on" or cfg.data.num_clients <= 20
 
 
-def run_server(grid: Grid, cfg: Config) -> RunRecord:
+def run_server(grid: Grid, cfg: Config, *, progress: str = "off") -> RunRecord:
+    """``progress``: ``off``, ``auto``, ``tty`` or ``lines`` (see :class:`RoundWatch`)."""
     cfg = resolve_paths(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)  # Flower samples clients with the `random` module
     torch.manual_seed(cfg.seed)
+    if cfg.mode == "simulation":
+        # The cores belong to the simulated clients (one thread each); a multi-threaded server
+        # competing with them for evaluation and the local-only baseline is many times slower.
+        torch.set_num_threads(1)
 
     simulated = cfg.mode == "simulation"
-    _, test_split, labels = source_splits(cfg)
-    if simulated:
+    test_split, labels = server_data(cfg)
+    if not simulated:
+        log.info(
+            "deployment: labels %s; expecting %d SuperNodes (data.num-clients); %s",
+            ",".join(labels.names),
+            cfg.data.num_clients,
+            "no centralized test set" if test_split is None else f"{len(test_split)} test rows",
+        )
+    else:
         sizes = [len(p) for p in partitions(cfg)]  # rejects bad partition settings up front
         log.info(
             "data: %d clients, partition sizes %d..%d (%s)",
@@ -141,8 +165,14 @@ def run_server(grid: Grid, cfg: Config) -> RunRecord:
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     clock = {"t": time.time()}
+    watch = RoundWatch(cfg.rounds, display=progress)  # sees replies as they arrive
+    done, global_arrays = _resume_or_start(cfg, strategy, record, models.init_arrays)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and done:  # resumed: the initial model was evaluated before
+            clock["t"] = time.time()
+            return None
+        server_round += done  # Strategy.start counts from 1 again after a resume
         set_arrays(server_student, {n: arrays[n].numpy() for n in models.names})
         acc, loss = float("nan"), float("nan")
         if test is not None:
@@ -169,7 +199,10 @@ def run_server(grid: Grid, cfg: Config) -> RunRecord:
             strategy.traffic[server_round],
             now - clock["t"],
             dense_bytes,
+            client_state=watch.state_bytes_summary(server_round),
         )
+        global_now = {n: arrays[n].numpy() for n in models.names}
+        save_state(state_path(out), snapshot(server_round, global_now, strategy, record))
         clock["t"] = now
         return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
 
@@ -180,11 +213,11 @@ def run_server(grid: Grid, cfg: Config) -> RunRecord:
             keys.INIT_DIGEST: models.digest,
         }
     )
-    initial = ArrayRecord({n: Array(models.init_arrays[n]) for n in models.names})
+    initial = ArrayRecord({n: Array(global_arrays[n]) for n in models.names})
     result = strategy.start(
-        grid=grid,
+        grid=ReproducibleGrid(WatchedGrid(grid, watch)),
         initial_arrays=initial,
-        num_rounds=cfg.rounds,
+        num_rounds=cfg.rounds - done,
         timeout=cfg.server.round_timeout,
         train_config=run_cfg,
         evaluate_config=run_cfg,
@@ -200,6 +233,7 @@ def run_server(grid: Grid, cfg: Config) -> RunRecord:
         extra.update(summarize_local_only(local_only_accuracies(cfg, labels, models, test)))
     else:
         extra.update({"local_only_accuracy": None})
+    extra.update(_cache_usage(cfg, simulated))
     record.finish(**extra)
     f = record.final
     log.info(
@@ -216,6 +250,41 @@ def run_server(grid: Grid, cfg: Config) -> RunRecord:
         record.path,
     )
     return record
+
+
+def _resume_or_start(
+    cfg: Config, strategy: CompressedStrategy, record: RunRecord, init: dict[str, np.ndarray]
+) -> tuple[int, dict[str, np.ndarray]]:
+    """Rounds already completed and the global arrays to start from.
+
+    ``resume = true`` restores the saved state (strategy, ``random``, run record) and records a
+    ``resume`` event; without a saved state it starts afresh. ``resume = false`` removes any
+    saved state, so a later resume never picks up an older run.
+    """
+    path = state_path(cfg.output_dir)
+    if not cfg.resume:
+        path.unlink(missing_ok=True)
+        return 0, init
+    saved = load_state(path)
+    if saved is None:
+        log.info("resume = true but %s does not exist: starting from round 1", path)
+        return 0, init
+    restore(saved, cfg, strategy, record)
+    record.events.append({"event": "resume", "from_round": saved.round, "time": time.time()})
+    record.save()
+    log.info("resuming after round %d of %d (state %s)", saved.round, cfg.rounds, path)
+    return saved.round, saved.global_arrays
+
+
+def _cache_usage(cfg: Config, simulated: bool) -> dict[str, int | None]:
+    """Disk held by client state at the end (simulation: every virtual node shares one cache)."""
+    clients = Path(cfg.cache_dir) / "clients"
+    if not simulated or not clients.is_dir():
+        return {"cache_bytes": None, "clients_with_state": None}
+    return {
+        "cache_bytes": folder_bytes(Path(cfg.cache_dir)),
+        "clients_with_state": sum(1 for p in clients.iterdir() if p.is_dir() and any(p.iterdir())),
+    }
 
 
 def _fmt(x: object) -> str:

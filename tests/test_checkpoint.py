@@ -1,0 +1,216 @@
+"""Checkpoint/resume pieces without a Flower runtime: server state, round offset, per-round
+residuals, reproducible reply order, deployment labels."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
+from flwr.supercore.task_identity import TaskIdentity
+
+from feddistill import keys
+from feddistill.client.state import ClientState
+from feddistill.codec import encode, parse_spec
+from feddistill.config import ConfigError, parse_config
+from feddistill.data import DataError
+from feddistill.server.checkpoint import (
+    ReproducibleGrid,
+    ServerState,
+    capture_strategy,
+    load_state,
+    restore,
+    restore_strategy,
+    save_state,
+    snapshot,
+    state_path,
+)
+from feddistill.server.results import RunRecord
+from feddistill.strategies import CompressedStrategy
+from feddistill.task import parse_labels
+from feddistill.wire import payload_record
+
+SCHEMA = [("layer.weight", (3, 4)), ("layer.bias", (3,))]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _arrays(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
+    return {n: (rng.standard_normal(s) * scale).astype(np.float32) for n, s in SCHEMA}
+
+
+def _reply(node: int, delta: dict[str, np.ndarray], n: int, request: Message | None = None):
+    request = request or Message(
+        RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN
+    )
+    payload = payload_record(encode(delta, parse_spec("none")).payload)
+    metrics = MetricRecord({keys.NUM_EXAMPLES: n, "client-seconds": random.random()})
+    return Message(RecordDict({keys.ARRAYS: payload, keys.METRICS: metrics}), reply_to=request)
+
+
+def _wrapper(inner: Strategy, initial: dict[str, np.ndarray]) -> CompressedStrategy:
+    return CompressedStrategy(
+        inner, schema=SCHEMA, initial=initial, uplink=parse_spec("none"),
+        downlink=parse_spec("none"), max_payload_bytes=1 << 20,
+    )  # fmt: skip
+
+
+class _Grid:
+    """Just what FedAvg.configure_train asks of a Grid."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def _round(wrapper: CompressedStrategy, r: int, arrays: ArrayRecord, rng, nodes=(3, 1, 2)):
+    """configure_train, then every node replies: the new global (or None)."""
+    sent = list(wrapper.configure_train(r, arrays, ConfigRecord(), _Grid(list(nodes))))
+    for i, msg in enumerate(sent):
+        msg.metadata.__dict__["_message_id"] = f"r{r}-m{i}"  # what the Grid does on push
+    replies = [_reply(m.metadata.dst_node_id, _arrays(rng, 0.1), 10, m) for m in sent]
+    return sent, wrapper.aggregate_train(r, replies)[0]
+
+
+@pytest.mark.parametrize(
+    "make_inner",
+    [lambda: FedAdam(eta=0.1), lambda: FedAvgM(server_learning_rate=0.5, server_momentum=0.9)],
+    ids=["fedadam", "fedavgm"],
+)
+def test_restored_strategy_continues_like_the_original(make_inner, tmp_path: Path) -> None:
+    # Prepare: two rounds, then a checkpoint into a file
+    rng = np.random.default_rng(0)
+    initial = _arrays(rng)
+    original = _wrapper(make_inner(), initial)
+    arrays = ArrayRecord({n: Array(a) for n, a in initial.items()})
+    for r in (1, 2):
+        arrays = _round(original, r, arrays, rng)[1]
+    record = RunRecord(out_dir=tmp_path, config=parse_config({}).to_flat(), header={})
+    global_now = {n: arrays[n].numpy() for n in arrays}
+    random.seed(7)
+    save_state(state_path(tmp_path), snapshot(2, global_now, original, record))
+    saved = capture_strategy(original.inner)
+    assert saved  # FedAdam m_t, v_t, current_arrays / FedAvgM momentum_vector, current_arrays
+    expected_random = random.random()
+
+    # Execute: a fresh wrapper restored from the file, then round 3 on both
+    state = load_state(state_path(tmp_path))
+    assert state is not None and state.round == 2
+    resumed = _wrapper(make_inner(), initial)
+    restore(state, parse_config({"resume": True}), resumed, record)
+    assert random.random() == expected_random
+    assert resumed.round_offset == 2
+    restored_arrays = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
+    _, want = _round(original, 3, arrays, np.random.default_rng(1))
+    sent, got = _round(resumed, 1, restored_arrays, np.random.default_rng(1))
+
+    # Assert: the same new global, bit for bit, and round 3 everywhere in the resumed wrapper
+    for name, _ in SCHEMA:
+        np.testing.assert_array_equal(got[name].numpy(), want[name].numpy())
+    assert {m.content[keys.CONFIG]["server-round"] for m in sent} == {3}
+    assert set(resumed.traffic) == {3}
+
+
+def test_restore_refuses_other_settings_and_fewer_rounds(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    cfg = parse_config({"rounds": 4})
+    record = RunRecord(out_dir=tmp_path, config=cfg.to_flat(), header={})
+    wrapper = _wrapper(FedAvg(), _arrays(rng))
+    state = snapshot(3, _arrays(rng), wrapper, record)
+    with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.01"):
+        restore(state, cfg.with_overrides({"train.lr": 0.01, "resume": True}), wrapper, record)
+    with pytest.raises(ConfigError, match=r"rounds = 2: the saved run already completed 3"):
+        restore(state, cfg.with_overrides({"rounds": 2, "resume": True}), wrapper, record)
+    restore(state, cfg.with_overrides({"rounds": 9, "resume": True}), wrapper, record)  # more: ok
+
+
+def test_state_file_keeps_dtypes_and_is_replaced_atomically(tmp_path: Path) -> None:
+    path = state_path(tmp_path)
+    arrays = {"a": np.arange(3, dtype=np.float32), "b": np.ones((2, 2), dtype=np.float64)}
+    for r in (1, 2):
+        save_state(path, ServerState(round=r, global_arrays=arrays, python_random=[3, [1], None]))
+    state = load_state(path)
+    assert state is not None and state.round == 2
+    assert {n: a.dtype for n, a in state.global_arrays.items()} == {"a": "float32", "b": "float64"}
+    assert [p.name for p in path.parent.iterdir()] == ["server.npz"]  # no temp files left
+    assert load_state(tmp_path / "none.npz") is None
+    restore_strategy(FedAvg(), {})  # nothing captured, nothing to set
+
+
+def test_reply_sent_but_never_answered_is_a_failure_of_that_node() -> None:
+    rng = np.random.default_rng(2)
+    wrapper = _wrapper(FedAvg(), _arrays(rng))
+    arrays = ArrayRecord({n: Array(a) for n, a in _arrays(rng).items()})
+    sent = list(wrapper.configure_train(1, arrays, ConfigRecord(), _Grid([5, 6, 7])))
+    for i, msg in enumerate(sent):
+        msg.metadata.__dict__["_message_id"] = f"m{i}"
+    replies = [_reply(m.metadata.dst_node_id, _arrays(rng, 0.1), 10, m) for m in sent[:2]]
+    wrapper.aggregate_train(1, replies)
+    stats = wrapper.traffic[1]
+    assert stats.replies == 2
+    assert stats.failures == [
+        (sent[2].metadata.dst_node_id, "no reply within server.round-timeout")
+    ]
+
+
+def test_reproducible_grid_sorts_node_ids_and_replies() -> None:
+    class Inner(_Grid):
+        def __init__(self, replies: list[Message]) -> None:
+            super().__init__([9, 2, 5])
+            self.replies = replies
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(self.replies)
+
+    rng = np.random.default_rng(3)
+    replies = [_reply(node, _arrays(rng), 10) for node in (4, 8, 6)]
+    forward = ReproducibleGrid(Inner(replies))  # type: ignore[arg-type]
+    backward = ReproducibleGrid(Inner(replies[::-1]))  # type: ignore[arg-type]
+    assert forward.get_node_ids() == [2, 5, 9]
+    # client-seconds differ on every call: the order must come from the arrays
+    order = [m.metadata.src_node_id for m in forward.send_and_receive([])]
+    assert order == [m.metadata.src_node_id for m in backward.send_and_receive([])]
+    assert sorted(order) == [4, 6, 8]
+
+
+def test_residual_of_a_redone_round_is_the_one_before_it(tmp_path: Path) -> None:
+    state = ClientState.open(tmp_path, "client")
+    value = lambda x: {"layer.bias": np.full(3, x, np.float32)}  # noqa: E731
+    assert state.load_residual([("layer.bias", (3,))], before_round=1) == {}
+    for r in (1, 2, 3):
+        state.save_residual(value(r), r)
+    # Round 3 was trained, then the server died and redoes round 3: it gets round 2's residual.
+    assert state.load_residual([("layer.bias", (3,))], before_round=3)["layer.bias"][0] == 2
+    assert sorted(p.name for p in state.root.glob("residual-*")) == [
+        "residual-000002.npz",
+        "residual-000003.npz",
+    ]
+    assert state.load_residual([("layer.bias", (4,))], before_round=9) == {}  # other model
+    state.save_residual(value(10), 1)  # a fresh run in an old cache drops the later rounds
+    assert sorted(p.name for p in state.root.glob("residual-*")) == ["residual-000001.npz"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("world", "names 1 class"), ("a,,b", "empty name"), ("a,b,a", r"\['a'\] more than once")],
+)
+def test_data_labels_are_validated(text: str, message: str) -> None:
+    with pytest.raises(DataError, match=rf"data.labels={text!r}.*{message}"):
+        parse_labels(text)
+    assert parse_labels(" World , Sci/Tech ").names == ("World", "Sci/Tech")
