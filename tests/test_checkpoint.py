@@ -12,6 +12,7 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -167,6 +168,21 @@ def test_reply_sent_but_never_answered_is_a_failure_of_that_node() -> None:
     assert stats.failures == [
         (sent[2].metadata.dst_node_id, "no reply within server.round-timeout")
     ]
+
+
+def test_error_made_up_by_the_superlink_names_the_node_that_was_asked() -> None:
+    rng = np.random.default_rng(4)
+    wrapper = _wrapper(FedAvg(), _arrays(rng))
+    arrays = ArrayRecord({n: Array(a) for n, a in _arrays(rng).items()})
+    sent = list(wrapper.configure_train(1, arrays, ConfigRecord(), _Grid([5, 6])))
+    for i, msg in enumerate(sent):
+        msg.metadata.__dict__["_message_id"] = f"m{i}"
+    good = _reply(sent[0].metadata.dst_node_id, _arrays(rng, 0.1), 10, sent[0])
+    dead = Message(Error(code=0, reason="Node Unavailable"), reply_to=sent[1])
+    dead.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's own node id
+    wrapper.aggregate_train(1, [good, dead])
+    node = sent[1].metadata.dst_node_id
+    assert wrapper.traffic[1].failures == [(node, "client error: Node Unavailable")]
 
 
 def test_reproducible_grid_sorts_node_ids_and_replies() -> None:
