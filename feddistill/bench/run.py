@@ -207,6 +207,16 @@ class Runner:
         train: TextSplit = data["train"]
         self.test = encode_texts(self.models.student_tokenizer, test.texts, test.labels, maxlen)
         self.train = encode_texts(self.models.student_tokenizer, train.texts, train.labels, maxlen)
+        self.t_train = self.train  # a derived student shares the teacher's tokenizer
+        if self.models.teacher_tokenizer is not self.models.student_tokenizer:
+            self.t_train = encode_texts(
+                self.models.teacher_tokenizer, train.texts, train.labels, maxlen
+            )
+        self.t_test = self.test
+        if self.models.teacher_tokenizer is not self.models.student_tokenizer:
+            self.t_test = encode_texts(
+                self.models.teacher_tokenizer, test.texts, test.labels, maxlen
+            )
         self.central_teacher: Any = None
 
     # -- centralized -------------------------------------------------------------------------
@@ -219,7 +229,7 @@ class Runner:
         with torch_seeded(self.cfg.seed):
             fine_tune(
                 teacher,
-                self.train,
+                self.t_train,
                 epochs=t.epochs,
                 lr=t.lr,
                 batch_size=t.batch_size,
@@ -233,7 +243,7 @@ class Runner:
 
         if self.central_teacher is None:
             self._fit_central_teacher()
-        acc = evaluate(self.central_teacher, self.test, device=self.device).accuracy
+        acc = evaluate(self.central_teacher, self.t_test, device=self.device).accuracy
         t = self.cfg.teacher
         return _entry(
             "centralized-teacher",
@@ -248,7 +258,7 @@ class Runner:
 
         if self.central_teacher is None:
             self._fit_central_teacher()
-        logits = predict_logits(self.central_teacher, self.train, device=self.device)
+        logits = predict_logits(self.central_teacher, self.t_train, device=self.device)
         student = copy.deepcopy(self.models.student)
         c = self.cfg
         with torch_seeded(c.seed):

@@ -62,7 +62,7 @@ DOC_VALUES: dict[str, Any] = {
     "db": "superlink.db",
     "host": "0.0.0.0",
     "port": 9093,
-    "key": "keys/sn0",
+    "key": "sn0",
     "federation": "feddistill",
     "address": "192.168.1.10:9093",
     "ca": "/opt/feddistill/certs/ca.crt",
