@@ -38,12 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+from flwr.app import Array, ArrayRecord, Message
 
 from feddistill.config import Config, ConfigError
+from feddistill.server.grids import DelegatingGrid
 
 if TYPE_CHECKING:
     from feddistill.server.results import RunRecord
@@ -313,7 +311,7 @@ def _reply_key(msg: Message) -> tuple[int, bytes, bytes, int]:
     return 0, arrays.digest(), metrics.digest(), msg.metadata.src_node_id
 
 
-class ReproducibleGrid(Grid):
+class ReproducibleGrid(DelegatingGrid):
     """A Grid view that makes a round a function of its inputs, not of timing.
 
     * ``get_node_ids`` is sorted: Flower samples with ``random.sample(list(node_ids), k)``, and
@@ -327,37 +325,8 @@ class ReproducibleGrid(Grid):
     process, so a sampled subset differs after a restart unless every client is sampled).
     """
 
-    def __init__(self, inner: Grid) -> None:
-        self.inner = inner
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
     def get_node_ids(self) -> list[int]:
         return sorted(self.inner.get_node_ids())
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self.inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -22,12 +22,11 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from flwr.app import Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.superlink.grid import HttpGrid, InMemoryGrid
 
 from feddistill import keys
+from feddistill.server.grids import DelegatingGrid
 
 STATE_BYTES = "state-bytes"  # MetricRecord entry of train replies (client/work.py)
 # The simulation's InMemoryGrid polls every 0.1 s (its constructor's default); a pull there is a
@@ -160,41 +159,12 @@ class RoundWatch:
         self._line_shown = True
 
 
-class WatchedGrid(Grid):
+class WatchedGrid(DelegatingGrid):
     """Delegates to ``inner``; ``send_and_receive`` reports replies to ``watch`` as they come."""
 
     def __init__(self, inner: Grid, watch: RoundWatch) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.watch = watch
-
-    def set_run(self, run: Run) -> None:
-        self.inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.inner.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        return self.inner.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.inner.pull_messages(message_ids)
 
     def _pull_interval(self) -> float | None:
         if isinstance(self.inner, InMemoryGrid):
