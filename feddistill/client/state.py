@@ -67,6 +67,17 @@ class ClientState:
             os.utime(folder)  # mark as recently used for the LRU budget
         return state, logits
 
+    def load_logits(self, key: str) -> torch.Tensor | None:
+        """Only the cached teacher logits: a frozen teacher's weights are not needed to teach."""
+        path = self.teacher_dir(key) / "logits.pt"
+        try:
+            logits = torch.load(path)
+        except FileNotFoundError:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.teacher_dir(key))  # mark as recently used for the LRU budget
+        return logits
+
     def save_teacher(
         self, key: str, state: dict[str, torch.Tensor], logits: torch.Tensor | None
     ) -> None:

@@ -133,8 +133,17 @@ def ensure_teacher(
     state: ClientState,
     t_train: Encoded,
     device: torch.device,
-) -> tuple[torch.nn.Module, torch.Tensor | None, bool]:
+) -> tuple[torch.nn.Module | None, torch.Tensor | None, bool]:
+    """(teacher, its logits on the training split, whether it was fitted now).
+
+    Without mutual distillation a cached teacher is represented by its logits alone (teacher
+    None): they are all the distillation loss needs.
+    """
     key = teacher_cache_key(cfg, labels, data.train)
+    if not cfg.distill.mutual:
+        logits = state.load_logits(key)
+        if logits is not None and len(logits) == len(t_train):
+            return None, logits, False  # skip loading a (possibly 90 MB) teacher every round
     teacher = copy.deepcopy(models.teacher)
     cached = state.load_teacher(key)
     if cached is not None:
