@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
 
+from feddistill.codec import save_arrays
 from feddistill.config import Config, ConfigError
 from feddistill.server.grids import DelegatingGrid
 
@@ -169,17 +168,7 @@ def save_state(path: Path, state: ServerState) -> None:
     if state.torch_random is not None:
         manifest["torch_random"] = _pack(state.torch_random, arrays)
     blob = np.frombuffer(json.dumps(manifest, default=_json_default).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **{_MANIFEST: blob}, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_arrays(path, {_MANIFEST: blob, **arrays})  # atomic: temp file + os.replace
 
 
 def load_state(path: Path) -> ServerState | None:
