@@ -24,19 +24,26 @@ def _task_identity() -> None:
 
 
 def _message(cfg, labels, digest: str, payload: np.ndarray) -> Message:
-    config = ConfigRecord({
-        keys.RUN_CONFIG: cfg.to_json(),
-        keys.LABELS: json.dumps(list(labels.names)),
-        keys.INIT_DIGEST: digest,
-        keys.SERVER_ROUND: 1,
-    })
+    config = ConfigRecord(
+        {
+            keys.RUN_CONFIG: cfg.to_json(),
+            keys.LABELS: json.dumps(list(labels.names)),
+            keys.INIT_DIGEST: digest,
+            keys.SERVER_ROUND: 1,
+        }
+    )
     content = RecordDict({keys.ARRAYS: payload_record(payload), keys.CONFIG: config})
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
 def _context(tmp_path: Path) -> Context:
-    return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def test_valid_downlink_trains_and_tampered_downlink_is_refused(tmp_path: Path) -> None:

@@ -38,8 +38,14 @@ def test_round_completes_without_the_garbage_client(tmp_path: Path) -> None:
     offline_environment()
     from flwr.simulation import run_simulation
 
-    cfg = tiny_config(tmp_path, **{"compression.uplink": "topk:0.1+q4+ef",
-                                   "compression.downlink": "q8", "server.local-only": "off"})
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "compression.uplink": "topk:0.1+q4+ef",
+            "compression.downlink": "q8",
+            "server.local-only": "off",
+        },
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(

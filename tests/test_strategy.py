@@ -159,8 +159,13 @@ def test_all_replies_bad_keeps_global() -> None:
 def test_min_replies_keeps_global_when_too_few_answer() -> None:
     rng = np.random.default_rng(4)
     wrapper = CompressedStrategy(
-        FedAvg(), schema=SCHEMA, initial=_arrays(rng), uplink=parse_spec("none"),
-        downlink=parse_spec("none"), max_payload_bytes=1 << 20, min_replies=2,
+        FedAvg(),
+        schema=SCHEMA,
+        initial=_arrays(rng),
+        uplink=parse_spec("none"),
+        downlink=parse_spec("none"),
+        max_payload_bytes=1 << 20,
+        min_replies=2,
     )
     _prime(wrapper, _arrays(rng))
     one = _reply(1, payload_record(encode(_arrays(rng, 0.1), parse_spec("none")).payload), 10)
