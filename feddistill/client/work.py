@@ -26,6 +26,7 @@ from feddistill.codec import decode, encode, parse_spec, residual_after, with_re
 from feddistill.config import Config, parse_config
 from feddistill.distill.train import (
     Encoded,
+    TrainStats,
     distill,
     encode_texts,
     evaluate,
@@ -188,41 +189,55 @@ def _round_seed(seed: int, server_round: int, client_key: str) -> int:
     return int(mix[:8], 16)
 
 
-def train_round(
-    inp: RoundInput, node_config: dict[str, Any]
-) -> tuple[np.ndarray, dict[str, float]]:
-    t0 = time.perf_counter()
-    cfg, labels = inp.cfg, inp.labels
-    data = node_data(cfg, labels, node_config)
-    models = load_initial(cfg, labels, inp.init_digest)
-    ref = received_arrays(models, cfg, inp.payload)
-    state = ClientState.open(data.cache_root, data.key)
-    device = pick_device(cfg.train.device)
-    maxlen = cfg.data.max_length
+def encode_train(
+    models: InitialModels, split: TextSplit, max_length: int
+) -> tuple[Encoded, Encoded]:
+    """The split tokenized for the student and for the teacher (the same object when shared)."""
+    s_enc = encode_texts(models.student_tokenizer, split.texts, split.labels, max_length)
+    if models.teacher_tokenizer is models.student_tokenizer:
+        return s_enc, s_enc
+    return s_enc, encode_texts(models.teacher_tokenizer, split.texts, split.labels, max_length)
 
-    s_train = encode_texts(models.student_tokenizer, data.train.texts, data.train.labels, maxlen)
-    t_train = s_train
-    if models.teacher_tokenizer is not models.student_tokenizer:
-        t_train = encode_texts(
-            models.teacher_tokenizer, data.train.texts, data.train.labels, maxlen
-        )
-    # alpha = 1 without mutual learning is plain FedAvg of the student: the KD term has zero
-    # weight, so fine-tuning a teacher (and predicting its logits) would be wasted work.
-    teacher: torch.nn.Module | None = None
-    logits: torch.Tensor | None = None
-    fitted = False
-    if cfg.distill.alpha < 1.0 or cfg.distill.mutual:
-        teacher, logits, fitted = ensure_teacher(cfg, labels, models, data, state, t_train, device)
 
-    student = copy.deepcopy(models.student)
-    set_arrays(student, ref)
-    seed = _round_seed(cfg.seed, inp.server_round, data.key)
+def teacher_for_round(
+    cfg: Config,
+    labels: Labels,
+    models: InitialModels,
+    data: NodeData,
+    state: ClientState,
+    t_train: Encoded,
+    device: torch.device,
+) -> tuple[torch.nn.Module | None, torch.Tensor | None, bool]:
+    """Like :func:`ensure_teacher`, but no teacher at all when the KD term has zero weight.
+
+    ``alpha = 1`` without mutual learning is plain FedAvg of the student: fine-tuning a teacher
+    and predicting its logits would be wasted work.
+    """
+    if cfg.distill.alpha >= 1.0 and not cfg.distill.mutual:
+        return None, None, False
+    return ensure_teacher(cfg, labels, models, data, state, t_train, device)
+
+
+def distill_locally(
+    cfg: Config,
+    student: torch.nn.Module,
+    s_train: Encoded,
+    t_train: Encoded,
+    teacher: torch.nn.Module | None,
+    logits: torch.Tensor | None,
+    *,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+) -> TrainStats:
+    """The configured KD recipe on this node's data; seeded so any process repeats it."""
     with torch_seeded(seed):
-        stats = distill(
+        return distill(
             student,
             s_train,
             logits,
-            epochs=cfg.train.local_epochs,
+            epochs=epochs,
             lr=cfg.train.lr,
             batch_size=cfg.train.batch_size,
             alpha=cfg.distill.alpha,
@@ -234,8 +249,38 @@ def train_round(
             teacher=teacher if cfg.distill.mutual else None,
             teacher_data=t_train,
             teacher_lr=cfg.teacher.lr,
-            proximal_mu=inp.proximal_mu,
+            proximal_mu=proximal_mu,
         )
+
+
+def train_round(
+    inp: RoundInput, node_config: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, float]]:
+    t0 = time.perf_counter()
+    cfg, labels = inp.cfg, inp.labels
+    data = node_data(cfg, labels, node_config)
+    models = load_initial(cfg, labels, inp.init_digest)
+    ref = received_arrays(models, cfg, inp.payload)
+    state = ClientState.open(data.cache_root, data.key)
+    device = pick_device(cfg.train.device)
+    s_train, t_train = encode_train(models, data.train, cfg.data.max_length)
+    teacher, logits, fitted = teacher_for_round(cfg, labels, models, data, state, t_train, device)
+
+    student = copy.deepcopy(models.student)
+    set_arrays(student, ref)
+    seed = _round_seed(cfg.seed, inp.server_round, data.key)
+    stats = distill_locally(
+        cfg,
+        student,
+        s_train,
+        t_train,
+        teacher,
+        logits,
+        epochs=cfg.train.local_epochs,
+        seed=seed,
+        device=device,
+        proximal_mu=inp.proximal_mu,
+    )
     if cfg.distill.mutual:  # the teacher learned too; it never leaves the node
         key = teacher_cache_key(cfg, labels, data.train)
         state.save_teacher(key, {k: v.cpu() for k, v in teacher.state_dict().items()}, None)

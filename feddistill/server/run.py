@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 
 from feddistill import __version__, keys
 from feddistill.client.state import ClientState, folder_bytes
-from feddistill.client.work import ensure_teacher, node_data
+from feddistill.client.work import distill_locally, encode_train, node_data, teacher_for_round
 from feddistill.codec import dense_float32_bytes
 from feddistill.config import Config
-from feddistill.distill.train import Encoded, distill, encode_texts, evaluate, pick_device
+from feddistill.distill.train import Encoded, encode_texts, evaluate, pick_device
 from feddistill.models.build import Labels, count_parameters, save_student, set_arrays
 from feddistill.server.checkpoint import (
     ReproducibleGrid,
@@ -62,30 +62,19 @@ def local_only_accuracies(
     for pid in range(cfg.data.num_clients):
         data = node_data(cfg, labels, {"partition-id": pid})
         state = ClientState.open(data.cache_root, data.key)
-        enc = encode_texts(
-            models.student_tokenizer, data.train.texts, data.train.labels, cfg.data.max_length
-        )
-        t_enc = enc
-        if models.teacher_tokenizer is not models.student_tokenizer:
-            t_enc = encode_texts(
-                models.teacher_tokenizer, data.train.texts, data.train.labels, cfg.data.max_length
-            )
-        teacher, logits, _ = ensure_teacher(cfg, labels, models, data, state, t_enc, device)
+        enc, t_enc = encode_train(models, data.train, cfg.data.max_length)
+        teacher, logits, _ = teacher_for_round(cfg, labels, models, data, state, t_enc, device)
         student = copy.deepcopy(models.student)
-        distill(
+        distill_locally(
+            cfg,
             student,
             enc,
+            t_enc,
+            teacher,
             logits,
             epochs=cfg.server.local_only_epochs,
-            lr=cfg.train.lr,
-            batch_size=cfg.train.batch_size,
-            alpha=cfg.distill.alpha,
-            temperature=cfg.distill.temperature,
             seed=cfg.seed + pid,
             device=device,
-            teacher=teacher if cfg.distill.mutual else None,
-            teacher_data=t_enc,
-            teacher_lr=cfg.teacher.lr,
         )
         accs.append(evaluate(student, test, device=device).accuracy)
         log.info("local-only student of client %d: test accuracy %.4f", pid, accs[-1])
