@@ -13,7 +13,7 @@ import pytest
 from feddistill.bench import BenchSetting, dense_exchange_bytes, run_bench
 from feddistill.bench.cli import add_arguments, setting_from_args
 from feddistill.bench.report import format_table
-from feddistill.bench.spec import ALL_SCENARIOS, QUICK
+from feddistill.bench.spec import ALL_SCENARIOS, DEFAULT_SCENARIOS, QUICK
 from feddistill.bench.wirecost import trainable_arrays
 from feddistill.data import make_corpus
 
@@ -146,10 +146,12 @@ def test_all_scenarios_have_fixed_names() -> None:
         "fedavg-student-fp32",
         "feddistill",
         "topk1-q4-noef",
+        "down-topk1-q4-ef",
         "topk0.1-q4-ef",
         "local-only",
         "fedavg-teacher-fp32",
     )
+    assert "topk0.1-q4-ef" not in DEFAULT_SCENARIOS  # runs only when asked for
 
 
 def test_shared_cache_keeps_teachers_but_not_residuals_between_scenarios(tmp_path: Path) -> None:

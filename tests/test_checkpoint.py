@@ -63,10 +63,12 @@ def _reply(node: int, delta: dict[str, np.ndarray], n: int, request: Message | N
     return Message(RecordDict({keys.ARRAYS: payload, keys.METRICS: metrics}), reply_to=request)
 
 
-def _wrapper(inner: Strategy, initial: dict[str, np.ndarray]) -> CompressedStrategy:
+def _wrapper(
+    inner: Strategy, initial: dict[str, np.ndarray], downlink: str = "none"
+) -> CompressedStrategy:
     return CompressedStrategy(
         inner, schema=SCHEMA, initial=initial, uplink=parse_spec("none"),
-        downlink=parse_spec("none"), max_payload_bytes=1 << 20,
+        downlink=parse_spec(downlink), max_payload_bytes=1 << 20,
     )  # fmt: skip
 
 
@@ -94,11 +96,14 @@ def _round(wrapper: CompressedStrategy, r: int, arrays: ArrayRecord, rng, nodes=
     [lambda: FedAdam(eta=0.1), lambda: FedAvgM(server_learning_rate=0.5, server_momentum=0.9)],
     ids=["fedadam", "fedavgm"],
 )
-def test_restored_strategy_continues_like_the_original(make_inner, tmp_path: Path) -> None:
+@pytest.mark.parametrize("downlink", ["none", "topk:0.3+q8+ef"], ids=["stateless", "chained"])
+def test_restored_strategy_continues_like_the_original(
+    make_inner, downlink: str, tmp_path: Path
+) -> None:
     # Prepare: two rounds, then a checkpoint into a file
     rng = np.random.default_rng(0)
     initial = _arrays(rng)
-    original = _wrapper(make_inner(), initial)
+    original = _wrapper(make_inner(), initial, downlink)
     arrays = ArrayRecord({n: Array(a) for n, a in initial.items()})
     for r in (1, 2):
         arrays = _round(original, r, arrays, rng)[1]
@@ -113,13 +118,18 @@ def test_restored_strategy_continues_like_the_original(make_inner, tmp_path: Pat
     # Execute: a fresh wrapper restored from the file, then round 3 on both
     state = load_state(state_path(tmp_path))
     assert state is not None and state.round == 2
-    resumed = _wrapper(make_inner(), initial)
+    resumed = _wrapper(make_inner(), initial, downlink)
     restore(state, parse_config({"resume": True}), resumed, record)
     assert random.random() == expected_random
     assert resumed.round_offset == 2
     restored_arrays = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
-    _, want = _round(original, 3, arrays, np.random.default_rng(1))
+    sent_before, want = _round(original, 3, arrays, np.random.default_rng(1))
     sent, got = _round(resumed, 1, restored_arrays, np.random.default_rng(1))
+    for a, b in zip(sent_before, sent, strict=True):  # the same downlink (chain state restored)
+        np.testing.assert_array_equal(
+            a.content[keys.ARRAYS][keys.PAYLOAD].numpy(),
+            b.content[keys.ARRAYS][keys.PAYLOAD].numpy(),
+        )
 
     # Assert: the same new global, bit for bit, and round 3 everywhere in the resumed wrapper
     for name, _ in SCHEMA:

@@ -47,7 +47,7 @@ def _context(tmp_path: Path) -> Context:
 
 
 def test_valid_downlink_trains_and_tampered_downlink_is_refused(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, **{"compression.downlink": "q8"})  # the stateless protocol
     _, _, labels = source_splits(cfg)
     models = initial_models(cfg, labels)
     zero = {n: np.zeros_like(a) for n, a in models.init_arrays.items()}
@@ -68,3 +68,33 @@ def test_valid_downlink_trains_and_tampered_downlink_is_refused(tmp_path: Path) 
 
     reply = train(_message(cfg, labels, "0" * 16, good), _context(tmp_path))
     assert reply.has_error() and "initial student mismatch" in reply.error.reason
+
+
+def test_tampered_or_unusable_chained_downlink_is_refused(tmp_path: Path) -> None:
+    from feddistill.codec.chain import ChainSender
+
+    cfg = tiny_config(tmp_path, **{"compression.downlink": "topk:0.1+q8+ef"})
+    _, _, labels = source_splits(cfg)
+    models = initial_models(cfg, labels)
+    sender = ChainSender(models.init_arrays, parse_spec(cfg.compression.downlink), chain=b"c" * 8)
+    sender.advance({n: a + 0.01 for n, a in models.init_arrays.items()})
+    good, version = sender.message_for(1)
+    reply = train(_message(cfg, labels, models.digest, good), _context(tmp_path))
+    assert not reply.has_error()
+    sender.acknowledge(1, version)
+    sender.advance({n: a + 0.02 for n, a in models.init_arrays.items()})
+    sender.acknowledge(2, 2)  # the server believes node 2 holds version 2; this node does not
+    sender.advance({n: a + 0.03 for n, a in models.init_arrays.items()})
+    stale, _ = sender.message_for(2)
+
+    tampered = good.copy()
+    tampered[0] ^= 0xFF  # magic
+    reply = train(_message(cfg, labels, models.digest, tampered), _context(tmp_path))
+    assert reply.has_error() and "chain-header" in reply.error.reason
+
+    cut = good[:-3]
+    reply = train(_message(cfg, labels, models.digest, cut), _context(tmp_path))
+    assert reply.has_error() and "PayloadError" in reply.error.reason
+
+    reply = train(_message(cfg, labels, models.digest, stale), _context(tmp_path))
+    assert reply.has_error() and "not in this node's cache" in reply.error.reason

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from feddistill.client.work import RoundInput, evaluate_round, load_initial, train_round
-from feddistill.codec import encode, parse_spec
+from feddistill.codec import parse_spec
+from feddistill.codec.chain import initial_downlink
 from feddistill.server.run import resolve_paths
 from feddistill.task import source_splits
 from tests.conftest import tiny_config
@@ -34,8 +35,7 @@ def test_client_round_on_cuda_in_bf16_leaves_no_gpu_memory_behind(tmp_path: Path
     )
     _, _, labels = source_splits(cfg)
     models = load_initial(cfg, labels, "")
-    zero = {n: np.zeros_like(a) for n, a in models.init_arrays.items()}
-    payload = encode(zero, parse_spec(cfg.compression.downlink)).payload
+    payload = initial_downlink(models.init_arrays, parse_spec(cfg.compression.downlink))
     torch.cuda.reset_peak_memory_stats()
 
     # Execute: two clients in a row, as one worker serves them

@@ -19,7 +19,8 @@ import torch
 
 from feddistill.client.state import ClientState, folder_bytes
 from feddistill.client.work import RoundInput, load_initial, train_round
-from feddistill.codec import encode, parse_spec
+from feddistill.codec import parse_spec
+from feddistill.codec.chain import initial_downlink
 from feddistill.models.build import get_arrays
 from feddistill.server.run import resolve_paths
 from feddistill.task import source_splits
@@ -65,8 +66,7 @@ def test_client_state_round_trips_through_disk_under_a_teacher_budget(
     budget = int(BUDGET_MB * 2**20)
     _, _, labels = source_splits(cfg)
     models = load_initial(cfg, labels, "")
-    zero = {n: np.zeros_like(a) for n, a in models.init_arrays.items()}
-    payload = encode(zero, parse_spec(cfg.compression.downlink)).payload
+    payload = initial_downlink(models.init_arrays, parse_spec(cfg.compression.downlink))
 
     loads: list[tuple[str, int, dict[str, np.ndarray]]] = []
     real_load = ClientState.load_residual

@@ -12,6 +12,7 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -34,8 +35,10 @@ def _task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
 
 
-def _arrays(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
-    return {n: (rng.standard_normal(s) * scale).astype(np.float32) for n, s in SCHEMA}
+def _arrays(
+    rng: np.random.Generator, scale: float = 1.0, schema: list | None = None
+) -> dict[str, np.ndarray]:
+    return {n: (rng.standard_normal(s) * scale).astype(np.float32) for n, s in schema or SCHEMA}
 
 
 def _request(node: int) -> Message:
@@ -171,3 +174,60 @@ def test_min_replies_keeps_global_when_too_few_answer() -> None:
     one = _reply(1, payload_record(encode(_arrays(rng, 0.1), parse_spec("none")).payload), 10)
     assert wrapper.aggregate_train(1, [one]) == (None, None)
     assert wrapper.traffic[1].replies == 1
+
+
+def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(tmp_path) -> None:
+    """Nodes answer in some rounds only; each rebuilds the server's broadcast bit for bit with
+    the client's own ``received_arrays`` and node cache, and a node that failed (and so was
+    forgotten) recovers from its initial model."""
+    from types import SimpleNamespace
+
+    from feddistill.client.work import received_arrays
+    from feddistill.config import parse_config
+
+    rng = np.random.default_rng(5)
+    BIG = [("w", (64, 32)), ("b", (32,))]  # large enough that deltas beat a base
+    initial = _arrays(rng, schema=BIG)
+    spec = "topk:0.2+q8+ef"
+    cfg = parse_config({"compression.downlink": spec})
+    models = SimpleNamespace(schema=BIG, names=[n for n, _ in BIG], init_arrays=initial)
+    wrapper = CompressedStrategy(
+        FedAvg(),
+        schema=BIG,
+        initial=initial,
+        uplink=parse_spec("none"),
+        downlink=parse_spec(spec),
+        max_payload_bytes=1 << 20,
+    )
+    assert wrapper.chain is not None
+    global_w = {n: a.copy() for n, a in initial.items()}
+    schedule = [[1, 2], [1], [1, 3], [2, 3], [1, 2, 3]]
+    down: dict[int, dict[int, int]] = {}
+    for server_round, nodes in enumerate(schedule, start=1):
+        sink = down.setdefault(server_round, {})
+        record = ArrayRecord({n: Array(a) for n, a in global_w.items()})
+        messages = wrapper._compress_messages(
+            server_round, [_request(i) for i in nodes], record, sink
+        )
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            payload = msg.content[keys.ARRAYS][keys.PAYLOAD].numpy()
+            if node == 3 and server_round == 3:  # fails: the server must forget what it held
+                replies.append(Message(Error(code=6, reason="disk full"), reply_to=msg))
+                continue
+            got = received_arrays(models, cfg, payload, tmp_path / f"node-{node}")
+            for name, _ in BIG:
+                np.testing.assert_array_equal(got[name], wrapper.chain.broadcast[name])
+            delta = _arrays(rng, 0.05, BIG)
+            replies.append(
+                _reply(node, payload_record(encode(delta, parse_spec("none")).payload), 10)
+            )
+        new, _ = wrapper.aggregate_train(server_round, replies)
+        assert new is not None
+        global_w = {n: new[n].numpy() for n, _ in BIG}
+        assert set(sink) == set(nodes) and all(b > 0 for b in sink.values())
+    assert wrapper.chain.node_version == {1: 5, 2: 5, 3: 5}
+    # Round 4: node 2 (last answer in round 1) gets versions 2-4, node 3 (never answered) 1-4;
+    # in round 2 node 1 needed one version only.
+    assert down[2][1] < down[4][2] < down[4][3]

@@ -62,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of sampling, partitions and training (0)")
     p.add_argument(
         "--scenarios",
-        help="comma-separated subset of: " + ",".join(ALL_SCENARIOS) + " (default all)",
+        help="comma-separated subset of: "
+        + ",".join(ALL_SCENARIOS)
+        + " (default: all but topk0.1-q4-ef)",
     )
     p.add_argument("--rounds", type=int, help="rounds of the dense scenario (default 10)")
     p.add_argument(

@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,3 +183,58 @@ def folder_bytes(folder: Path) -> int:
             with contextlib.suppress(FileNotFoundError):
                 total += os.stat(os.path.join(parent, name)).st_size
     return total
+
+
+@dataclass(frozen=True)
+class DownlinkCache:
+    """The chained downlink's models held by this node: ``downlink/<chain>-v<version>.npz``.
+
+    One folder per node, not per client: in simulation every virtual client on a host can
+    start from the newest version any of them reached, so a host keeps a few models in total,
+    not one per client. Files are written atomically and only the newest ``keep`` versions of a
+    chain stay; other chains (earlier runs) are removed after a day.
+    """
+
+    root: Path
+    keep: int = 4
+
+    @classmethod
+    def open(cls, cache_root: Path) -> DownlinkCache:
+        root = Path(cache_root) / "downlink"
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    def _path(self, chain: str, version: int) -> Path:
+        return self.root / f"{chain}-v{version:08d}.npz"
+
+    def _versions(self, chain: str) -> list[int]:
+        found = []
+        for path in self.root.glob(f"{chain}-v*.npz"):
+            suffix = path.stem.rsplit("-v", 1)[-1]
+            if suffix.isdigit():
+                found.append(int(suffix))
+        return sorted(found)
+
+    def newest(self, chain: str, lo: int, hi: int) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The newest cached version in ``[lo, hi]`` and its arrays, or None."""
+        for version in reversed(self._versions(chain)):
+            if not lo <= version <= hi:
+                continue
+            try:
+                arrays = load_arrays(self._path(chain, version))
+            except FileNotFoundError:
+                continue  # pruned by another worker just now: try an older one
+            if arrays:
+                return version, arrays
+        return None
+
+    def save(self, chain: str, version: int, arrays: dict[str, np.ndarray]) -> None:
+        save_arrays(self._path(chain, version), arrays)
+        for old in self._versions(chain)[: -self.keep]:
+            self._path(chain, old).unlink(missing_ok=True)
+        cutoff = time.time() - 86400
+        for path in self.root.glob("*.npz"):
+            if not path.name.startswith(chain):
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from feddistill.client.state import ClientState
+from feddistill.client.state import ClientState, DownlinkCache
 from feddistill.codec import decode, encode, parse_spec, residual_after, with_residual
+from feddistill.codec.chain import apply_chain, unpack_chain
 from feddistill.config import Config, parse_config
 from feddistill.distill.train import (
     Encoded,
@@ -117,13 +118,34 @@ def load_initial(cfg: Config, labels: Labels, expected_digest: str) -> InitialMo
 
 
 def received_arrays(
-    models: InitialModels, cfg: Config, payload: np.ndarray
+    models: InitialModels, cfg: Config, payload: np.ndarray, cache_root: Path
 ) -> dict[str, np.ndarray]:
-    """The global student as the server sent it: initial weights + decoded downlink delta."""
-    delta = decode(
-        payload, models.schema, max_payload_bytes=int(cfg.compression.max_payload_mb * 2**20)
-    )
-    return {n: models.init_arrays[n] + delta[n] for n in models.names}
+    """The global student as the server sent it.
+
+    Stateless downlink: initial weights + decoded delta. Chained downlink (spec with ``ef``):
+    the newest model this node holds, brought up to date with the versions in the message.
+    """
+    limit = int(cfg.compression.max_payload_mb * 2**20)
+    if not parse_spec(cfg.compression.downlink).error_feedback:
+        delta = decode(payload, models.schema, max_payload_bytes=limit)
+        return {n: models.init_arrays[n] + delta[n] for n in models.names}
+    msg = unpack_chain(payload, max_payload_bytes=limit)
+    chain = msg.chain.hex()
+    cache = DownlinkCache.open(cache_root)
+    start, held = models.init_arrays, 0
+    if msg.base is None and msg.first_needed > 0:
+        found = cache.newest(chain, msg.first_needed, msg.target)
+        if found is None:
+            raise ClientError(
+                f"the downlink continues version {msg.first_needed} of model chain {chain}, "
+                f"which is not in this node's cache ({cache.root}); the server sends the "
+                "whole model next time"
+            )
+        held, start = found
+    arrays = apply_chain(msg, start, held, models.schema, max_payload_bytes=limit)
+    if msg.target != held:
+        cache.save(chain, msg.target, arrays)
+    return arrays
 
 
 def ensure_teacher(
@@ -260,7 +282,7 @@ def train_round(
     cfg, labels = inp.cfg, inp.labels
     data = node_data(cfg, labels, node_config)
     models = load_initial(cfg, labels, inp.init_digest)
-    ref = received_arrays(models, cfg, inp.payload)
+    ref = received_arrays(models, cfg, inp.payload, data.cache_root)
     state = ClientState.open(data.cache_root, data.key)
     device = pick_device(cfg.train.device)
     s_train, t_train = encode_train(models, data.train, cfg.data.max_length)
@@ -317,7 +339,7 @@ def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, fl
     data = node_data(cfg, labels, node_config)
     models = load_initial(cfg, labels, inp.init_digest)
     student = copy.deepcopy(models.student)
-    set_arrays(student, received_arrays(models, cfg, inp.payload))
+    set_arrays(student, received_arrays(models, cfg, inp.payload, data.cache_root))
     device = pick_device(cfg.train.device)
     val = encode_texts(
         models.student_tokenizer, data.val.texts, data.val.labels, cfg.data.max_length

@@ -13,7 +13,8 @@ class PayloadError(ValueError):
         check: short stable name of the failed check ("magic", "version", "schema",
             "truncated", "index-range", "count", "scale-finite", "value-finite", "size-limit",
             "dtype", "trailing-bytes", "mode", "header", "padding", "value-code",
-            "rice-param", "positions", "chunk", "scale-range"), for metrics and tests.
+            "rice-param", "positions", "chunk", "scale-range"; for the chained downlink
+            "chain-header", "chain-version", "chain-segments"), for metrics and tests.
     """
 
     def __init__(self, check: str, message: str) -> None:

@@ -78,6 +78,7 @@ class ServerState:
     record: dict[str, Any] = field(default_factory=dict)
     python_random: Any = None
     torch_random: np.ndarray | None = None
+    downlink: dict[str, Any] | None = None  # the chained downlink's state, if any
 
 
 def state_path(output_dir: str | Path) -> Path:
@@ -167,6 +168,12 @@ def save_state(path: Path, state: ServerState) -> None:
     }
     if state.torch_random is not None:
         manifest["torch_random"] = _pack(state.torch_random, arrays)
+    if state.downlink is not None:
+        manifest["downlink"] = {
+            "meta": state.downlink["meta"],
+            "broadcast": _pack(state.downlink["broadcast"], arrays),
+            "payloads": _pack(state.downlink["payloads"], arrays),
+        }
     blob = np.frombuffer(json.dumps(manifest, default=_json_default).encode(), dtype=np.uint8)
     save_arrays(path, {_MANIFEST: blob, **arrays})  # atomic: temp file + os.replace
 
@@ -182,6 +189,13 @@ def load_state(path: Path) -> ServerState | None:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; expected {FORMAT_VERSION}")
     torch_random = manifest.get("torch_random")
+    downlink = manifest.get("downlink")
+    if downlink is not None:
+        downlink = {
+            "meta": downlink["meta"],
+            "broadcast": _unpack(downlink["broadcast"], arrays),
+            "payloads": _unpack(downlink["payloads"], arrays),
+        }
     return ServerState(
         round=int(manifest["round"]),
         global_arrays=_unpack(manifest["global"], arrays),
@@ -190,6 +204,7 @@ def load_state(path: Path) -> ServerState | None:
         record=manifest["record"],
         python_random=manifest["python_random"],
         torch_random=None if torch_random is None else _unpack(torch_random, arrays),
+        downlink=downlink,
     )
 
 
@@ -232,10 +247,23 @@ def snapshot(
 ) -> ServerState:
     """The state after ``server_round`` (call once the round is recorded).
 
-    The wrapper keeps no other state across rounds: its downlink is encoded afresh each round
-    from the full-precision global, and its traffic counters are already in ``record``.
+    The wrapper's traffic counters are already in ``record``; a stateless downlink is encoded
+    afresh each round, a chained one (:class:`feddistill.codec.chain.ChainSender`) is saved.
     """
     python_random, torch_random = random_states()
+    chain = strategy.chain
+    downlink = None
+    if chain is not None:
+        downlink = {
+            "meta": {
+                "chain": chain.chain.hex(),
+                "version": chain.version,
+                "source_digest": chain.source_digest,
+                "node_version": {str(k): v for k, v in chain.node_version.items()},
+            },
+            "broadcast": {n: a.copy() for n, a in chain.broadcast.items()},
+            "payloads": {str(v): p.copy() for v, p in chain.payloads.items()},
+        }
     return ServerState(
         round=server_round,
         global_arrays={n: np.array(a, copy=True) for n, a in global_arrays.items()},
@@ -249,6 +277,7 @@ def snapshot(
         },
         python_random=python_random,
         torch_random=torch_random,
+        downlink=downlink,
     )
 
 
@@ -274,6 +303,14 @@ def restore(
             f"{state.round} rounds; expected rounds >= {state.round}"
         )
     restore_strategy(strategy.inner, state.strategy)
+    if strategy.chain is not None and state.downlink is not None:
+        chain, meta = strategy.chain, state.downlink["meta"]
+        chain.chain = bytes.fromhex(meta["chain"])
+        chain.version = int(meta["version"])
+        chain.source_digest = str(meta["source_digest"])
+        chain.node_version = {int(k): int(v) for k, v in meta["node_version"].items()}
+        chain.broadcast = dict(state.downlink["broadcast"])
+        chain.payloads = {int(v): p for v, p in state.downlink["payloads"].items()}
     strategy.round_offset = state.round
     record.rounds = list(state.record["rounds"])
     record.initial = dict(state.record["initial"])

@@ -185,7 +185,8 @@ def _client_task(kind: str, inp: Any, pid: int) -> None:
 def plain_loop(flat: dict[str, Any], workers: int, threads: int) -> dict[str, Any]:
     """Every round: ``train_round`` for the sampled clients, then ``evaluate_round``."""
     from feddistill.client.work import RoundInput
-    from feddistill.codec import encode, parse_spec
+    from feddistill.codec import parse_spec
+    from feddistill.codec.chain import initial_downlink
     from feddistill.config import parse_config
     from feddistill.server.run import resolve_paths
     from feddistill.simulation.engine import offline_environment
@@ -198,8 +199,7 @@ def plain_loop(flat: dict[str, Any], workers: int, threads: int) -> dict[str, An
     _, _, labels = source_splits(cfg)
     corpus_seconds = time.perf_counter() - t0
     models = initial_models(cfg, labels)
-    zero = {n: models.init_arrays[n] * 0 for n in models.names}
-    payload = encode(zero, parse_spec(cfg.compression.downlink), seed=cfg.seed).payload
+    payload = initial_downlink(models.init_arrays, parse_spec(cfg.compression.downlink))
     n, k = cfg.data.num_clients, cfg.server.num_sampled
     per_train = k(cfg.server.clients_per_round, n)
     per_eval = k(cfg.server.evaluate_clients, n)

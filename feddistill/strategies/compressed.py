@@ -5,11 +5,16 @@ Built the way Flower wraps strategies for differential privacy
 never sees a compressed payload. Only the four hooks that touch the wire are overridden;
 ``Strategy.start`` and its round loop are inherited untouched.
 
-Downlink: every message carries ``encode(global - initial)`` under the downlink spec, a delta
-from the initial student that every node can rebuild, so a client that skipped any number of
-rounds still reconstructs the current model. The server keeps the full-precision global; what
-the downlink drops is not lost but sent in later rounds once it grows (the error stays bounded by
-one quantization step of the current delta).
+Downlink, two protocols chosen by the downlink spec:
+
+* without ``ef`` (e.g. ``q8``): every message carries ``encode(global - initial)``, a delta from
+  the initial student that every node can rebuild, so a client that skipped any number of rounds
+  still reconstructs the current model; the error stays bounded by one quantization step of the
+  current delta. Stateless, but a pruned spec would lose whatever it drops.
+* with ``ef`` (e.g. ``topk:0.01+q4+ef``): a chain of compressed deltas with server-side error
+  feedback (:class:`feddistill.codec.chain.ChainSender`): each node gets the versions it missed
+  since it last answered, or the broadcast model itself when that is cheaper. Messages to
+  different nodes may then differ, and each is counted.
 
 Uplink: a client's payload decodes to ``delta_i = student_i - received``; the wrapper hands the
 inner strategy dense weights ``global + delta_i``, so FedAvg gives ``global + mean(delta)``,
@@ -25,6 +30,7 @@ strategy and the ``server-round`` it sends, traffic keys, codec seeds).
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +41,7 @@ from flwr.serverapp.strategy import Strategy
 
 from feddistill import keys
 from feddistill.codec import CompressionSpec, PayloadError, decode, encode
+from feddistill.codec.chain import ChainSender
 from feddistill.wire import message_bytes, payload_record
 
 log = logging.getLogger("feddistill.server")
@@ -84,6 +91,12 @@ class CompressedStrategy(Strategy):
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._train_requests: dict[int, list[Message]] = {}  # to name nodes that never replied
+        self.chain = (
+            ChainSender(self.initial, downlink, chain=secrets.token_bytes(8), seed=seed)
+            if downlink.error_feedback
+            else None
+        )
+        self._inflight: dict[int, int] = {}  # node -> chain version its last message reaches
 
     # -- helpers ------------------------------------------------------------------------------
     def _round(self, server_round: int) -> RoundTraffic:
@@ -107,11 +120,39 @@ class CompressedStrategy(Strategy):
         out = list(messages)
         if not out:
             return out
+        if self.chain is not None:
+            return self._chain_messages(server_round, out, arrays, sink)
         record = self._downlink_record(server_round, arrays)
         for msg in out:
             msg.content[self.inner_key] = record
             sink[msg.metadata.dst_node_id] = message_bytes(msg)
         return out
+
+    def _chain_messages(
+        self, server_round: int, out: list[Message], arrays: ArrayRecord, sink: dict[int, int]
+    ) -> list[Message]:
+        assert self.chain is not None
+        self._global = {n: arrays[n].numpy() for n in self.names}
+        new = self.chain.advance(self._global)
+        if new:
+            self._round(server_round).downlink_payload_bytes = new
+        self._inflight = {}
+        for msg in out:
+            node = msg.metadata.dst_node_id
+            payload, version = self.chain.message_for(node)
+            msg.content[self.inner_key] = payload_record(payload)
+            self._inflight[node] = version
+            sink[node] = message_bytes(msg)
+        return out
+
+    def _answered(self, node: int, ok: bool) -> None:
+        """Track which chain version a node holds (only an answer proves it got there)."""
+        if self.chain is None:
+            return
+        if ok and node in self._inflight:
+            self.chain.acknowledge(node, self._inflight[node])
+        elif not ok:
+            self.chain.forget(node)
 
     @property
     def inner_key(self) -> str:
@@ -169,6 +210,7 @@ class CompressedStrategy(Strategy):
             node = asked.pop(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
                 reason = f"client error: {msg.error.reason}"
+                self._answered(node, ok=False)
                 stats.failures.append((node, reason))
                 log.warning("round %d: node %s failed: %s", server_round, node, reason)
                 continue
@@ -180,6 +222,7 @@ class CompressedStrategy(Strategy):
                 stats.failures.append((node, reason))
                 log.warning("round %d: dropped reply of node %s: %s", server_round, node, reason)
                 continue
+            self._answered(node, ok=True)
             valid.append(msg)
         for node in asked.values():  # sent, but nothing came back before the round timed out
             reason = "no reply within server.round-timeout"
@@ -219,9 +262,11 @@ class CompressedStrategy(Strategy):
         for msg in replies:
             if msg.has_error():
                 node, reason = msg.metadata.src_node_id, str(msg.error.reason)
+                self._answered(node, ok=False)
                 stats.eval_failures.append((node, reason))
                 log.warning("round %d: node %s failed to evaluate: %s", server_round, node, reason)
             else:
+                self._answered(msg.metadata.src_node_id, ok=True)
                 valid.append(msg)
         if not valid:
             return None
