@@ -121,3 +121,21 @@ def test_concurrent_workers_tolerate_each_other(tmp_path: Path) -> None:
     assert not errors
     total = sum(folder_bytes(p) for p in (tmp_path / "clients").glob("*/teacher-*"))
     assert total <= 3 * one + one  # the budget, plus at most one teacher being saved
+
+
+def test_downlink_cache_keeps_the_newest_versions_of_its_chain(tmp_path: Path) -> None:
+    from feddistill.client.state import DownlinkCache
+
+    cache = DownlinkCache.open(tmp_path)
+    old = cache.root / "0000000000000000-v00000001.npz"  # an earlier run's chain, a day old
+    np.savez(old, w=np.zeros(4, np.float32))
+    os.utime(old, (1.0, 1.0))
+    for version in range(1, 8):
+        cache.save("abcd", version, {"w": np.full(4, version, np.float32)})
+    assert sorted(p.name for p in cache.root.iterdir()) == [
+        f"abcd-v{v:08d}.npz" for v in range(4, 8)
+    ]
+    found = cache.newest("abcd", 2, 5)
+    assert found is not None and found[0] == 5 and found[1]["w"][0] == 5
+    assert cache.newest("abcd", 1, 3) is None  # pruned
+    assert cache.newest("other", 0, 9) is None

@@ -52,7 +52,7 @@ def write_plot(bench: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6))
     styles = {CENTRALIZED[0]: "--", CENTRALIZED[1]: "-.", LOCAL_ONLY: ":"}
     for s in bench["scenarios"]:
         curve = [p for p in s.get("curve", []) if p["accuracy"] is not None]
@@ -94,8 +94,9 @@ def write_plot(bench: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1)
     right.xaxis.get_major_locator().set_params(integer=True)
-    # Curves of hard federations sit low and references high: the legend goes in between.
-    left.legend(fontsize=7, loc="center left", framealpha=0.9)
+    # Below both panels: inside, any spot hides some scenario's curve.
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4, frameon=False)
     rows = bench["setting"]["rows"]
     fig.suptitle(
         f"{bench['setting']['teacher']} — {rows['train']} train rows, "
@@ -104,6 +105,6 @@ def write_plot(bench: dict[str, Any], path: Path) -> None:
         f"reference lines on {rows['test']} test rows",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -175,6 +175,8 @@ class ChainSender:
             n: np.asarray(global_arrays[n], dtype=np.float32) - self.broadcast[n]
             for n in self.names
         }
+        if not any(np.any(r) for r in residual.values()):
+            return 0  # every node already holds this model (round 1: the initial one)
         self.version += 1
         encoded = encode(residual, self.spec, seed=self.seed * 7919 + self.version)
         for n in self.names:

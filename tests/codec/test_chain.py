@@ -67,6 +67,15 @@ def test_nodes_that_skip_rounds_rebuild_the_broadcast_bit_for_bit() -> None:
     assert sent_base > 0  # some node fell more than `history` versions behind
 
 
+def test_an_unchanged_model_makes_no_version() -> None:
+    initial = _arrays(np.random.default_rng(6))
+    sender = ChainSender(initial, parse_spec("topk:0.1+q8+ef"), chain=b"12345678")
+    assert sender.advance(initial) == 0 and sender.version == 0
+    payload, version = sender.message_for(3)
+    assert version == 0 and payload.size == 26  # the header alone: "keep the initial model"
+    assert _same(_Node(initial).receive(payload), initial)
+
+
 def test_a_node_that_lost_its_state_is_forgotten_and_rebuilds_from_version_zero() -> None:
     rng = np.random.default_rng(1)
     initial = _arrays(rng)

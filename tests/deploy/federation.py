@@ -45,7 +45,8 @@ TEMPLATES: dict[str, str] = {
     "run": 'flwr run . {federation} --stream --run-config \'mode="deployment" '
     'data.labels="{labels}" data.num-clients={n} server.clients-per-round={n} '
     'server.evaluate-clients={n_eval} data.test-source="{test}" rounds={rounds} '
-    'output-dir="{out}" compression.uplink="topk:0.1+q8+ef" compression.downlink="q8" '
+    'output-dir="{out}" compression.uplink="topk:0.1+q8+ef" '
+    'compression.downlink="topk:0.1+q8+ef" '
     "{model}{resume}'",
     "export": "feddistill export {out}/student --out {out}/export",
     "predict": 'feddistill predict --model {out}/export "{text}"',

@@ -43,7 +43,7 @@ SETTINGS = [
     "server.evaluate-clients=3",
     "server.local-only=off",
     "compression.uplink=topk:0.1+q8+ef",
-    "compression.downlink=q8",
+    "compression.downlink=topk:0.1+q8+ef",  # the chained downlink: its state must resume too
 ]
 
 
