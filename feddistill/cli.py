@@ -52,7 +52,13 @@ SIMULATE_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--student-layers", "model.student-layers", int, "layers of a derived student"),
     ("--strategy", "server.strategy", str, "fedavg, fedprox, fedavgm, fedadam, fedyogi, ..."),
     ("--uplink", "compression.uplink", str, "uplink codec, e.g. 'topk:0.01+q4+ef' or 'none'"),
-    ("--downlink", "compression.downlink", str, "downlink codec, e.g. 'q8' or 'none'"),
+    (
+        "--downlink",
+        "compression.downlink",
+        str,
+        "downlink codec: with 'ef' a chain of deltas with server-side error feedback "
+        "(default 'topk:0.05+q4+ef'); without, 'global - initial' (e.g. 'q8', 'none')",
+    ),
     ("--out", "output-dir", str, "output folder (results.json, student/, checkpoints/)"),
     ("--seed", "seed", int, "random seed (data, partitions, initialization, sampling)"),
 ]
