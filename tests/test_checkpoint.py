@@ -37,6 +37,7 @@ from feddistill.server.checkpoint import (
     snapshot,
     state_path,
 )
+from feddistill.server.grids import SAMPLER
 from feddistill.server.results import RunRecord
 from feddistill.strategies import CompressedStrategy
 from feddistill.task import parse_labels
@@ -109,18 +110,18 @@ def test_restored_strategy_continues_like_the_original(
         arrays = _round(original, r, arrays, rng)[1]
     record = RunRecord(out_dir=tmp_path, config=parse_config({}).to_flat(), header={})
     global_now = {n: arrays[n].numpy() for n in arrays}
-    random.seed(7)
+    SAMPLER.seed(7)
     save_state(state_path(tmp_path), snapshot(2, global_now, original, record))
     saved = capture_strategy(original.inner)
     assert saved  # FedAdam m_t, v_t, current_arrays / FedAvgM momentum_vector, current_arrays
-    expected_random = random.random()
+    expected_random = SAMPLER.random()
 
     # Execute: a fresh wrapper restored from the file, then round 3 on both
     state = load_state(state_path(tmp_path))
     assert state is not None and state.round == 2
     resumed = _wrapper(make_inner(), initial, downlink)
     restore(state, parse_config({"resume": True}), resumed, record)
-    assert random.random() == expected_random
+    assert SAMPLER.random() == expected_random
     assert resumed.round_offset == 2
     restored_arrays = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
     sent_before, want = _round(original, 3, arrays, np.random.default_rng(1))

@@ -14,8 +14,9 @@ saves what a continuation needs after every completed round, in one file written
 The inner strategy's state is captured generically: every attribute that is a numpy array, a
 dict or list of numpy arrays, or an ``ArrayRecord`` (FedAdam/FedYogi/FedAdagrad ``m_t``, ``v_t``,
 ``current_arrays``; FedAvgM ``momentum_vector`` and ``current_arrays``), so a strategy added
-later needs no code here. Python's ``random`` state is saved because Flower samples clients with
-the global ``random`` module; torch's CPU generator too, for anything seeded from it.
+later needs no code here. The client sampler's state is saved (Flower's sampling draws from
+:data:`feddistill.server.grids.SAMPLER` while the server runs); torch's CPU generator too, for
+anything seeded from it.
 
 :class:`ReproducibleGrid` removes the two timing-dependent inputs of a round (node-id order and
 reply arrival order), so that a resumed run equals an uninterrupted one, not just resembles it.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ from flwr.app import Array, ArrayRecord, Message
 
 from feddistill.codec import save_arrays
 from feddistill.config import Config, ConfigError
-from feddistill.server.grids import DelegatingGrid
+from feddistill.server.grids import SAMPLER, DelegatingGrid, node_order
 
 if TYPE_CHECKING:
     from feddistill.server.results import RunRecord
@@ -216,14 +216,14 @@ def _json_default(obj: Any) -> Any:
 
 # -- random number generators -----------------------------------------------------------------
 def random_states() -> tuple[Any, np.ndarray]:
-    """Python's ``random`` state (JSON-friendly lists) and torch's CPU generator state."""
-    version, internal, gauss = random.getstate()
+    """The client sampler's state (JSON-friendly lists) and torch's CPU generator state."""
+    version, internal, gauss = SAMPLER.getstate()
     return [version, list(internal), gauss], torch.get_rng_state().numpy().copy()
 
 
 def set_random_states(python_random: Any, torch_random: np.ndarray | None) -> None:
     version, internal, gauss = python_random
-    random.setstate((version, tuple(internal), gauss))
+    SAMPLER.setstate((version, tuple(internal), gauss))
     if torch_random is not None:
         torch.set_rng_state(torch.from_numpy(np.asarray(torch_random, dtype=np.uint8)))
 
@@ -342,17 +342,19 @@ class ReproducibleGrid(DelegatingGrid):
 
     * ``get_node_ids`` is sorted: Flower samples with ``random.sample(list(node_ids), k)``, and
       the SuperLink promises no order, so only sorted ids make the sample a function of the
-      ``random`` state the checkpoint restores.
+      ``random`` state the checkpoint restores. Simulated nodes are sorted by partition id
+      (:func:`feddistill.server.grids.node_order`), since their ids are random per process.
     * ``send_and_receive`` returns replies in the order of their content's digest instead of
       their arrival order: aggregation sums floats in reply order, and float sums depend on it.
 
-    With both, a resumed run repeats an uninterrupted one bit for bit (in deployment, where node
-    ids survive a ServerApp restart; in simulation node ids are fresh random numbers in every
-    process, so a sampled subset differs after a restart unless every client is sampled).
+    With both, a resumed run repeats an uninterrupted one bit for bit, and two runs of
+    ``feddistill simulate`` with the same config give the same result. (With ``flwr run`` the
+    simulated SuperLink lives in another process, so node ids are sorted as they come and the
+    sample differs between runs unless every client is sampled.)
     """
 
     def get_node_ids(self) -> list[int]:
-        return sorted(self.inner.get_node_ids())
+        return node_order(self.inner.get_node_ids())
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

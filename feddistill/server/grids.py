@@ -7,12 +7,45 @@ what they change.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import random
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+# Node id -> partition id of the virtual nodes of a simulation running in this process (filled by
+# ``feddistill.simulation.engine``): simulated node ids are random per process, partition ids are
+# not, so ordering nodes by partition makes client sampling repeat across runs.
+SIMULATED_PARTITIONS: dict[int, int] = {}
+
+
+# Flower's strategies sample clients with ``random.sample`` of the global ``random`` module, which
+# other threads of a simulation (Ray, Flower) draw from too, at times that depend on timing. While
+# the server runs (:func:`private_sampling`), Flower's sampler uses this generator instead; the
+# server seeds it with the run's seed and checkpoints its state.
+SAMPLER = random.Random()
+
+
+@contextlib.contextmanager
+def private_sampling() -> Iterator[random.Random]:
+    """Point Flower's client sampling (``strategy_utils.random``) at :data:`SAMPLER`."""
+    from flwr.serverapp.strategy import strategy_utils
+
+    original = strategy_utils.random
+    strategy_utils.random = SAMPLER  # type: ignore[assignment]
+    try:
+        yield SAMPLER
+    finally:
+        strategy_utils.random = original
+
+
+def node_order(node_ids: Iterable[int]) -> list[int]:
+    """Simulated nodes by partition id, then any other node by id (deployment: by id)."""
+    ids = list(node_ids)
+    return sorted(ids, key=lambda n: (SIMULATED_PARTITIONS.get(n, len(ids)), n))
 
 
 class DelegatingGrid(Grid):

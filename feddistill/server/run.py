@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from feddistill.server.checkpoint import (
     snapshot,
     state_path,
 )
+from feddistill.server.grids import SAMPLER, private_sampling
 from feddistill.server.progress import RoundWatch, WatchedGrid
 from feddistill.server.results import RunRecord, summarize_local_only
 from feddistill.strategies import CompressedStrategy, build_strategy
@@ -92,7 +92,7 @@ def run_server(grid: Grid, cfg: Config, *, progress: str = "off") -> RunRecord:
     cfg = resolve_paths(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)  # Flower samples clients with the `random` module
+    SAMPLER.seed(cfg.seed)  # client sampling (see feddistill.server.grids.private_sampling)
     torch.manual_seed(cfg.seed)
     if cfg.mode == "simulation":
         # The cores belong to the simulated clients (one thread each); a multi-threaded server
@@ -203,15 +203,16 @@ def run_server(grid: Grid, cfg: Config, *, progress: str = "off") -> RunRecord:
         }
     )
     initial = ArrayRecord({n: Array(global_arrays[n]) for n in models.names})
-    result = strategy.start(
-        grid=ReproducibleGrid(WatchedGrid(grid, watch)),
-        initial_arrays=initial,
-        num_rounds=cfg.rounds - done,
-        timeout=cfg.server.round_timeout,
-        train_config=run_cfg,
-        evaluate_config=run_cfg,
-        evaluate_fn=evaluate_fn,
-    )
+    with private_sampling():
+        result = strategy.start(
+            grid=ReproducibleGrid(WatchedGrid(grid, watch)),
+            initial_arrays=initial,
+            num_rounds=cfg.rounds - done,
+            timeout=cfg.server.round_timeout,
+            train_config=run_cfg,
+            evaluate_config=run_cfg,
+            evaluate_fn=evaluate_fn,
+        )
     final_arrays = result.arrays if len(result.arrays) else initial
     set_arrays(server_student, {n: final_arrays[n].numpy() for n in models.names})
     student_dir = out / "student"

@@ -159,6 +159,33 @@ def dispatch_to_addressed_nodes() -> Iterator[None]:
         vce_api.add_messages_to_queue = original
 
 
+@contextlib.contextmanager
+def record_partitions() -> Iterator[None]:
+    """Publish the simulation's node id -> partition id mapping to the server in this process.
+
+    Wraps ``vce_api._register_nodes`` (which creates the virtual nodes with random ids) so that
+    :func:`feddistill.server.grids.node_order` can order nodes by partition. Restored on exit.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from feddistill.server.grids import SIMULATED_PARTITIONS
+
+    original: Callable[..., dict[int, int]] = vce_api._register_nodes
+
+    def register_nodes(*args: Any, **kwargs: Any) -> dict[int, int]:
+        mapping = original(*args, **kwargs)
+        SIMULATED_PARTITIONS.clear()
+        SIMULATED_PARTITIONS.update(mapping)
+        return mapping
+
+    vce_api._register_nodes = register_nodes
+    try:
+        yield
+    finally:
+        vce_api._register_nodes = original
+        SIMULATED_PARTITIONS.clear()
+
+
 def backend_config(cpus_per_client: float, gpus_per_client: float, verbose: bool) -> dict[str, Any]:
     init_args: dict[str, Any] = {"include_dashboard": False}
     if not verbose:
@@ -195,7 +222,7 @@ def simulate(
         logging.getLogger("feddistill").warning(note)
     preflight(cfg)
     server_app = make_server_app(cfg.to_flat(), progress=progress)
-    with quiet_flower(verbose), dispatch_to_addressed_nodes():
+    with quiet_flower(verbose), dispatch_to_addressed_nodes(), record_partitions():
         run_simulation(
             server_app=server_app,
             client_app=client_app,
