@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from feddistill.client.state import ClientState, folder_bytes
 from feddistill.client.work import RoundInput, load_initial, train_round
 from feddistill.codec import parse_spec
 from feddistill.codec.chain import initial_downlink
+from feddistill.config import Config
 from feddistill.models.build import get_arrays
 from feddistill.server.run import resolve_paths
 from feddistill.task import source_splits
@@ -44,24 +46,28 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def _config(tmp_path: Path, **extra: Any) -> Config:
+    """NUM_CLIENTS small iid clients with error feedback and a teacher budget of BUDGET_MB."""
+    return tiny_config(
+        tmp_path,
+        **{
+            "rounds": ROUNDS,
+            "data.num-clients": NUM_CLIENTS,
+            "data.num-examples": 20 * NUM_CLIENTS,
+            "data.min-partition-size": 10,
+            "data.partitioning": "iid",
+            "compression.uplink": "topk:0.1+q8+ef",
+            "cache.max-mb": BUDGET_MB,
+            **extra,
+        },
+    )
+
+
 def test_client_state_round_trips_through_disk_under_a_teacher_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:
     # Prepare
-    cfg = resolve_paths(
-        tiny_config(
-            tmp_path,
-            **{
-                "rounds": ROUNDS,
-                "data.num-clients": NUM_CLIENTS,
-                "data.num-examples": 20 * NUM_CLIENTS,
-                "data.min-partition-size": 10,
-                "data.partitioning": "iid",
-                "compression.uplink": "topk:0.1+q8+ef",
-                "cache.max-mb": BUDGET_MB,
-            },
-        )
-    )
+    cfg = resolve_paths(_config(tmp_path))
     cache = Path(cfg.cache_dir)
     budget = int(BUDGET_MB * 2**20)
     _, _, labels = source_splits(cfg)
@@ -139,19 +145,9 @@ def test_simulation_of_30_clients_records_state_and_stays_under_budget(tmp_path:
     """The same shape through Flower's simulation engine (Ray), GPUs requested on any machine."""
     from feddistill.simulation.engine import simulate
 
-    cfg = tiny_config(
+    cfg = _config(
         tmp_path,
-        **{
-            "rounds": ROUNDS,
-            "data.num-clients": NUM_CLIENTS,
-            "data.num-examples": 20 * NUM_CLIENTS,
-            "data.min-partition-size": 10,
-            "data.partitioning": "iid",
-            "server.clients-per-round": PER_ROUND,
-            "server.evaluate-clients": PER_ROUND,
-            "compression.uplink": "topk:0.1+q8+ef",
-            "cache.max-mb": BUDGET_MB,
-        },
+        **{"server.clients-per-round": PER_ROUND, "server.evaluate-clients": PER_ROUND},
     )
 
     results = simulate(cfg, gpus_per_client=0.5)  # no CUDA: a note, and clients on CPU

@@ -27,6 +27,7 @@ import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -161,7 +162,7 @@ class ChainSender:
         self.payloads: dict[int, np.ndarray] = {}
         self.node_version: dict[int, int] = {}
         self.source_digest = ""  # the global the latest version was encoded from
-        self._packed: dict[int, np.ndarray] = {}  # per starting version, for this version
+        self._packed: dict[int, np.ndarray] = {}  # by version held (-1: base), this version
 
     def advance(self, global_arrays: Mapping[str, np.ndarray]) -> int:
         """Make a new version from ``global_arrays`` unless the last one was made from it.
@@ -192,19 +193,26 @@ class ChainSender:
         held = self.node_version.get(node, 0)
         if not 0 <= held <= self.version:
             held = 0
+        if not self._catch_up_cheaper(held):
+            held = -1  # send the broadcast model itself
         if held not in self._packed:
             self._packed[held] = pack_chain(self._message_from(held))
         return self._packed[held], self.version
 
-    def _message_from(self, held: int) -> ChainMessage:
+    def _catch_up_cheaper(self, held: int) -> bool:
+        """Versions held+1.. are all kept and cost less than a float32 base (~4 bytes/weight)."""
         wanted = range(held + 1, self.version + 1)
-        if all(v in self.payloads for v in wanted):
-            deltas = tuple((v, self.payloads[v]) for v in wanted)
-            # A float32 base costs ~4 bytes per weight: catch up by deltas while cheaper.
-            if sum(p.size for _, p in deltas) <= 4 * sum(a.size for a in self.broadcast.values()):
-                return ChainMessage(self.chain, self.version, deltas)
-        base = encode(self.broadcast, CompressionSpec()).payload  # float32, exact
-        return ChainMessage(self.chain, self.version, (), base, self.version)
+        if not all(v in self.payloads for v in wanted):
+            return False
+        size = sum(self.payloads[v].size for v in wanted)
+        return size <= 4 * sum(a.size for a in self.broadcast.values())
+
+    def _message_from(self, held: int) -> ChainMessage:
+        if held < 0:
+            base = encode(self.broadcast, CompressionSpec()).payload  # float32, exact
+            return ChainMessage(self.chain, self.version, (), base, self.version)
+        deltas = tuple((v, self.payloads[v]) for v in range(held + 1, self.version + 1))
+        return ChainMessage(self.chain, self.version, deltas)
 
     def acknowledge(self, node: int, version: int) -> None:
         """``node`` answered a message that brought it to ``version``."""
@@ -213,6 +221,33 @@ class ChainSender:
     def forget(self, node: int) -> None:
         """``node`` failed: do not assume it holds anything (it can always rebuild version 0)."""
         self.node_version.pop(node, None)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(JSON-able metadata, broadcast arrays, payloads by version): what a checkpoint keeps."""
+        meta = {
+            "chain": self.chain.hex(),
+            "version": self.version,
+            "source_digest": self.source_digest,
+            "node_version": {str(k): v for k, v in self.node_version.items()},
+        }
+        broadcast = {n: a.copy() for n, a in self.broadcast.items()}
+        payloads = {str(v): p.copy() for v, p in self.payloads.items()}
+        return meta, broadcast, payloads
+
+    def load_state(
+        self,
+        meta: Mapping[str, Any],
+        broadcast: Mapping[str, np.ndarray],
+        payloads: Mapping[str, np.ndarray],
+    ) -> None:
+        """Continue the chain saved by :meth:`state` (a resumed run)."""
+        self.chain = bytes.fromhex(meta["chain"])
+        self.version = int(meta["version"])
+        self.source_digest = str(meta["source_digest"])
+        self.node_version = {int(k): int(v) for k, v in meta["node_version"].items()}
+        self.broadcast = dict(broadcast)
+        self.payloads = {int(v): p for v, p in payloads.items()}
+        self._packed = {}
 
 
 def apply_chain(

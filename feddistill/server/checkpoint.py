@@ -251,19 +251,10 @@ def snapshot(
     afresh each round, a chained one (:class:`feddistill.codec.chain.ChainSender`) is saved.
     """
     python_random, torch_random = random_states()
-    chain = strategy.chain
     downlink = None
-    if chain is not None:
-        downlink = {
-            "meta": {
-                "chain": chain.chain.hex(),
-                "version": chain.version,
-                "source_digest": chain.source_digest,
-                "node_version": {str(k): v for k, v in chain.node_version.items()},
-            },
-            "broadcast": {n: a.copy() for n, a in chain.broadcast.items()},
-            "payloads": {str(v): p.copy() for v, p in chain.payloads.items()},
-        }
+    if strategy.chain is not None:
+        meta, broadcast, payloads = strategy.chain.state()
+        downlink = {"meta": meta, "broadcast": broadcast, "payloads": payloads}
     return ServerState(
         round=server_round,
         global_arrays={n: np.array(a, copy=True) for n, a in global_arrays.items()},
@@ -304,13 +295,7 @@ def restore(
         )
     restore_strategy(strategy.inner, state.strategy)
     if strategy.chain is not None and state.downlink is not None:
-        chain, meta = strategy.chain, state.downlink["meta"]
-        chain.chain = bytes.fromhex(meta["chain"])
-        chain.version = int(meta["version"])
-        chain.source_digest = str(meta["source_digest"])
-        chain.node_version = {int(k): int(v) for k, v in meta["node_version"].items()}
-        chain.broadcast = dict(state.downlink["broadcast"])
-        chain.payloads = {int(v): p for v, p in state.downlink["payloads"].items()}
+        strategy.chain.load_state(**state.downlink)
     strategy.round_offset = state.round
     record.rounds = list(state.record["rounds"])
     record.initial = dict(state.record["initial"])
