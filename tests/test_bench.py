@@ -100,6 +100,7 @@ def test_bench_end_to_end_on_tiny_csv(tmp_path: Path) -> None:
         compressed_rounds=2,
         train_batch_size=16,
         scenarios=("centralized-teacher", "feddistill", "fedavg-teacher-fp32"),
+        extra={"compression.uplink": "gtopk:0.01+q4+ef"},
     )
 
     # Execute
@@ -128,6 +129,8 @@ def test_bench_end_to_end_on_tiny_csv(tmp_path: Path) -> None:
     assert [p["round"] for p in fed["curve"]] == [0, 1, 2]
     assert fed["curve"][-1]["bytes_per_client"] == pytest.approx(2 * fed["bytes_per_client_round"])
     assert fed["bytes_up_total"] > 0 and fed["bytes_down_total"] > 0
+    # the codecs that ran, --set included, not the scenario's description of the defaults
+    assert fed["uplink"] == "gtopk:0.01+q4+ef" and "uplink gtopk:0.01+q4+ef" in fed["notes"]
     assert teacher["accuracy"] is None and "not run" in teacher["notes"]
     assert teacher["bytes_per_client_round"] > 8 * saved["setting"]["rows"]["train"]
     table = (out / "bench.md").read_text()

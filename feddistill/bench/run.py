@@ -319,7 +319,17 @@ class Runner:
         results = simulate(cfg)
         student = AutoModelForSequenceClassification.from_pretrained(out / "student")
         acc = evaluate(student, self.test, device=self.device).accuracy
-        return _entry(name, accuracy=acc, **_traffic(results), notes=sc.note)
+        # The codecs and strategy come from the config that ran, so a --set override shows.
+        c = cfg.compression
+        return _entry(
+            name,
+            accuracy=acc,
+            **_traffic(results),
+            uplink=c.uplink,
+            downlink=c.downlink,
+            strategy=cfg.server.strategy,
+            notes=f"{sc.note}; uplink {c.uplink}, downlink {c.downlink}, {cfg.server.strategy}",
+        )
 
     # -- bytes only ----------------------------------------------------------------------------
     def teacher_fp32(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class FederatedScenario:
 
     overrides: dict[str, Any]
     compressed: bool  # compressed runs get ``BenchSetting.compressed_rounds``
-    note: str
+    note: str  # the intent; the codecs and strategy actually run are appended from the config
 
 
 FEDERATED: dict[str, FederatedScenario] = {
@@ -50,23 +50,22 @@ FEDERATED: dict[str, FederatedScenario] = {
     "feddistill": FederatedScenario(
         {},
         compressed=True,
-        note="project defaults: KD from each client's fine-tuned teacher, "
-        "uplink topk:0.01+q4+ef, downlink topk:0.05+q4+ef (chained, server-side EF)",
+        note="project defaults: KD from each client's fine-tuned teacher, compressed both ways",
     ),
     "topk1-q4-noef": FederatedScenario(
         {"compression.uplink": "topk:0.01+q4"},
         compressed=True,
-        note="KD; uplink top-1% + 4-bit without error feedback; default downlink",
+        note="KD; uplink top-1% + 4-bit without error feedback",
     ),
     "down-topk1-q4-ef": FederatedScenario(
         {"compression.downlink": "topk:0.01+q4+ef"},
         compressed=True,
-        note="KD; default uplink; downlink top-1% + 4-bit (chained, server-side EF)",
+        note="KD; downlink top-1% + 4-bit (chained, server-side EF)",
     ),
     "topk0.1-q4-ef": FederatedScenario(
         {"compression.uplink": "topk:0.001+q4+ef"},
         compressed=True,
-        note="KD; uplink top-0.1% + 4-bit with error feedback; default downlink",
+        note="KD; uplink top-0.1% + 4-bit with error feedback",
     ),
 }
 
