@@ -181,18 +181,23 @@ class ServerConfig:
 
     ``lr``/``momentum`` drive FedAvgM; ``eta``/``tau`` the adaptive FedAdam/FedYogi/FedAdagrad
     (Reddi et al. 2021); ``proximal_mu`` FedProx; ``trim_beta`` FedTrimmedAvg.
+
+    The default is FedAvg with a server step of 2 (FedAvgM without momentum): averaging top-k
+    updates shrinks each coordinate that only some clients sent by the share of clients that did
+    not, and a step above 1 gives that back. Measured on AG News with the same teachers and
+    clients: 84.2% vs 75.8% with plain FedAvg (README, Benchmark).
     """
 
-    strategy: str = "fedavg"
+    strategy: str = "fedavgm"
     clients_per_round: float = 5.0
     evaluate_clients: float = 5.0
     min_replies: int = 1
     round_timeout: float = 600.0
-    lr: float = 1.0
+    lr: float = 2.0
     eta: float = 0.01
     tau: float = 1e-3
     proximal_mu: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.0
     trim_beta: float = 0.2
     local_only: str = "auto"
     local_only_epochs: int = 10

@@ -43,7 +43,12 @@ class FederatedScenario:
 
 FEDERATED: dict[str, FederatedScenario] = {
     "fedavg-student-fp32": FederatedScenario(
-        {"compression.uplink": "none", "compression.downlink": "none", "distill.alpha": 1.0},
+        {
+            "compression.uplink": "none",
+            "compression.downlink": "none",
+            "distill.alpha": 1.0,
+            "server.strategy": "fedavg",
+        },
         compressed=False,
         note="plain FedAvg of the student, float32 both ways, no teacher (distill.alpha = 1)",
     ),
