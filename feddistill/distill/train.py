@@ -8,6 +8,7 @@ because a frozen teacher's outputs do not change between rounds.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -212,13 +213,38 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits ``[N, C]`` in float32 on CPU, model in eval mode."""
     model.to(device).eval()
+    if len(data) == 0:
+        return torch.zeros((0, model.config.num_labels))
+    # Batches of similar length waste less compute on padding (AG News at max-length 64: about
+    # a fifth of the tokens); the rows go back to their input order afterwards.
+    order = torch.argsort(data.attention_mask.sum(dim=1), stable=True)
     out = []
-    for idx in _batches(len(data), batch_size, None):
+    for start in range(0, len(data), batch_size):
+        idx = order[start : start + batch_size]
         with autocast(device, precision):
             out.append(model(**_slice(data, idx, device)).logits.float().cpu())
-    if not out:
-        return torch.zeros((0, model.config.num_labels))
-    return torch.cat(out)
+    logits = torch.empty((len(data), out[0].shape[1]), dtype=torch.float32)
+    logits[order] = torch.cat(out)
+    return logits
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass

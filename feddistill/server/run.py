@@ -25,7 +25,14 @@ from feddistill.client.state import ClientState, folder_bytes
 from feddistill.client.work import distill_locally, encode_train, node_data, teacher_for_round
 from feddistill.codec import dense_float32_bytes
 from feddistill.config import Config
-from feddistill.distill.train import Encoded, encode_texts, evaluate, pick_device
+from feddistill.distill.train import (
+    Encoded,
+    encode_texts,
+    evaluate,
+    pick_device,
+    torch_threads,
+    usable_cores,
+)
 from feddistill.models.build import Labels, count_parameters, save_student, set_arrays
 from feddistill.server.checkpoint import (
     ReproducibleGrid,
@@ -90,16 +97,21 @@ def _want_local_only(cfg: Config, simulated: bool) -> bool:
 def run_server(grid: Grid, cfg: Config, *, progress: str = "off") -> RunRecord:
     """``progress``: ``off``, ``auto``, ``tty`` or ``lines`` (see :class:`RoundWatch`)."""
     cfg = resolve_paths(cfg)
+    simulated = cfg.mode == "simulation"
+    # In simulation the cores belong to the clients while they train (one thread each), so the
+    # server keeps to one thread, except where the clients are idle: the evaluation between
+    # rounds and the local-only baseline after the last one take every core (2x on 2 cores).
+    server_threads = 1 if simulated else torch.get_num_threads()
+    with torch_threads(server_threads):
+        return _run_server(grid, cfg, progress, simulated)
+
+
+def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunRecord:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     SAMPLER.seed(cfg.seed)  # client sampling (see feddistill.server.grids.private_sampling)
     torch.manual_seed(cfg.seed)
-    if cfg.mode == "simulation":
-        # The cores belong to the simulated clients (one thread each); a multi-threaded server
-        # competing with them for evaluation and the local-only baseline is many times slower.
-        torch.set_num_threads(1)
-
-    simulated = cfg.mode == "simulation"
+    eval_threads = usable_cores() if simulated else torch.get_num_threads()
     test_split, labels = server_data(cfg)
     if not simulated:
         log.info(
@@ -165,7 +177,8 @@ def run_server(grid: Grid, cfg: Config, *, progress: str = "off") -> RunRecord:
         set_arrays(server_student, {n: arrays[n].numpy() for n in models.names})
         acc, loss = float("nan"), float("nan")
         if test is not None:
-            stats = evaluate(server_student, test, device=device)
+            with torch_threads(eval_threads):
+                stats = evaluate(server_student, test, device=device)
             acc, loss = stats.accuracy, stats.loss
         if server_round == 0:
             record.initial = {
@@ -220,7 +233,8 @@ def run_server(grid: Grid, cfg: Config, *, progress: str = "off") -> RunRecord:
 
     extra: dict[str, object] = {"student_dir": str(student_dir)}
     if test is not None and _want_local_only(cfg, simulated):
-        extra.update(summarize_local_only(local_only_accuracies(cfg, labels, models, test)))
+        with torch_threads(eval_threads):
+            extra.update(summarize_local_only(local_only_accuracies(cfg, labels, models, test)))
     else:
         extra.update({"local_only_accuracy": None})
     extra.update(_cache_usage(cfg, simulated))
