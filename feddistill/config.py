@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -110,7 +111,10 @@ class ModelConfig:
     ``teacher`` is a hub id, a local folder or ``builtin:<name>`` (a small config trained from
     scratch, for tests and the embedded default). ``student = "derived"`` builds the student from
     the teacher: same tokenizer and embeddings, ``student_layers`` of its layers (DistilBERT-style
-    initialization), optionally frozen embeddings so only the rest is exchanged.
+    initialization), optionally frozen embeddings so only the rest is exchanged. ``freeze`` is a
+    regular expression: student parameters whose names it matches (``re.search``) are frozen
+    too, so neither trained nor exchanged; e.g. the feed-forward blocks of a BERT-style student
+    (``intermediate\\.dense|layer\\.\\d+\\.output\\.dense``), which hold two thirds of each layer.
     """
 
     teacher: str = "builtin:tiny"
@@ -118,6 +122,7 @@ class ModelConfig:
     student_layers: int = 2
     layer_selection: str = "every-other"
     freeze_embeddings: bool = False
+    freeze: str = ""
 
     def __post_init__(self) -> None:
         if not self.teacher:
@@ -126,6 +131,10 @@ class ModelConfig:
             _fail("model.student", self.student, "'derived', a hub id, a folder or builtin:<name>")
         _check_range("model.student-layers", self.student_layers, lo=1, hi=48)
         _check_choice("model.layer-selection", self.layer_selection, ("first", "every-other"))
+        try:
+            re.compile(self.freeze)
+        except re.error as exc:
+            _fail("model.freeze", self.freeze, f"a regular expression over parameter names ({exc})")
 
 
 @dataclass(frozen=True)
@@ -149,10 +158,12 @@ class DistillConfig:
     alpha: float = 0.8
     temperature: float = 2.0
     mutual: bool = False
+    logit_adjust: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("distill.alpha", self.alpha, lo=0, hi=1)
         _check_range("distill.temperature", self.temperature, lo=0, lo_open=True, hi=100)
+        _check_range("distill.logit-adjust", self.logit_adjust, lo=0, hi=10)
 
 
 @dataclass(frozen=True)
@@ -180,7 +191,9 @@ class ServerConfig:
     """Round structure and the Flower strategy that aggregates (decoded) updates.
 
     ``lr``/``momentum`` drive FedAvgM; ``eta``/``tau`` the adaptive FedAdam/FedYogi/FedAdagrad
-    (Reddi et al. 2021); ``proximal_mu`` FedProx; ``trim_beta`` FedTrimmedAvg.
+    (Reddi et al. 2021); ``proximal_mu`` FedProx; ``trim_beta`` FedTrimmedAvg. ``weighting``:
+    each reply counts by its ``num-examples`` (FedAvg's rule) or equally (``uniform``: under
+    label skew a few large clients would otherwise pull the global model toward their classes).
 
     The default is FedAvg with a server step of 2 (FedAvgM without momentum): averaging top-k
     updates shrinks each coordinate that only some clients sent by the share of clients that did
@@ -201,9 +214,11 @@ class ServerConfig:
     trim_beta: float = 0.2
     local_only: str = "auto"
     local_only_epochs: int = 10
+    weighting: str = "examples"
 
     def __post_init__(self) -> None:
         _check_choice("server.strategy", self.strategy, STRATEGIES)
+        _check_choice("server.weighting", self.weighting, ("examples", "uniform"))
         for key, value in (
             ("server.clients-per-round", self.clients_per_round),
             ("server.evaluate-clients", self.evaluate_clients),

@@ -13,7 +13,7 @@ import pytest
 from feddistill.bench import BenchSetting, dense_exchange_bytes, run_bench
 from feddistill.bench.cli import add_arguments, setting_from_args
 from feddistill.bench.report import format_table
-from feddistill.bench.spec import ALL_SCENARIOS, DEFAULT_SCENARIOS, QUICK
+from feddistill.bench.spec import ALL_SCENARIOS, BERT_FFN, DEFAULT_SCENARIOS, QUICK
 from feddistill.bench.wirecost import trainable_arrays
 from feddistill.data import make_corpus
 
@@ -78,6 +78,29 @@ def test_quick_flag_overrides_preset_and_explicit_options_win(tmp_path: Path) ->
         setting_from_args(args, tmp_path, tmp_path)
 
 
+def test_agnews_preset_freezes_feed_forward_blocks_in_compressed_scenarios_only(
+    tmp_path: Path,
+) -> None:
+    agnews = tmp_path / "shared" / "data" / "agnews"
+    agnews.mkdir(parents=True)
+    for name in ("train.csv", "test.csv"):
+        (agnews / name).write_text("text,label\nhello,0\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--preset", "agnews"])
+    setting = setting_from_args(args, tmp_path / "repo", tmp_path)
+    assert setting.compressed_freeze == BERT_FFN and setting.preset == "agnews"
+    assert setting.overrides_for("feddistill")["model.freeze"] == BERT_FFN
+    assert setting.overrides_for("topk1-q4-noef")["model.freeze"] == BERT_FFN
+    assert "model.freeze" not in setting.overrides_for("fedavg-student-fp32")
+    args = parser.parse_args(
+        ["--out", str(tmp_path / "o"), "--preset", "agnews", "--compressed-freeze", ""]
+    )
+    setting = setting_from_args(args, tmp_path / "repo", tmp_path)
+    assert "model.freeze" not in setting.overrides_for("feddistill")
+    assert setting.preset == "agnews (modified: compressed_freeze=)"
+
+
 @pytest.mark.slow
 def test_bench_end_to_end_on_tiny_csv(tmp_path: Path) -> None:
     # Prepare: tiny csv files with their own column names, a micro teacher
@@ -101,6 +124,7 @@ def test_bench_end_to_end_on_tiny_csv(tmp_path: Path) -> None:
         train_batch_size=16,
         scenarios=("centralized-teacher", "feddistill", "fedavg-teacher-fp32"),
         extra={"compression.uplink": "gtopk:0.01+q4+ef"},
+        compressed_freeze=BERT_FFN,
     )
 
     # Execute
@@ -131,6 +155,7 @@ def test_bench_end_to_end_on_tiny_csv(tmp_path: Path) -> None:
     assert fed["bytes_up_total"] > 0 and fed["bytes_down_total"] > 0
     # the codecs that ran, --set included, not the scenario's description of the defaults
     assert fed["uplink"] == "gtopk:0.01+q4+ef" and "uplink gtopk:0.01+q4+ef" in fed["notes"]
+    assert fed["frozen"] == BERT_FFN and f"frozen {BERT_FFN}" in fed["notes"]
     assert teacher["accuracy"] is None and "not run" in teacher["notes"]
     assert teacher["bytes_per_client_round"] > 8 * saved["setting"]["rows"]["train"]
     table = (out / "bench.md").read_text()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from feddistill.config import parse_config
+from feddistill.config import ConfigError, parse_config
 from feddistill.models.build import (
     Labels,
     ModelError,
@@ -70,6 +72,25 @@ def test_frozen_embeddings_are_not_exchanged(tokenizer) -> None:
     assert "classifier.weight" in names
     trainable = build_student(parse_config({}).model, teacher, LABELS, 0, tokenizer)
     assert any("embeddings" in n for n in exchanged_names(trainable))
+
+
+def test_freeze_pattern_removes_matching_parameters_from_the_exchange(tokenizer) -> None:
+    teacher = build_teacher("builtin:tiny", LABELS, tokenizer, seed=0)
+    ffn = r"intermediate\.dense|layer\.\d+\.output\.dense"
+    cfg = parse_config({"model.freeze-embeddings": True, "model.freeze": ffn}).model
+    names = exchanged_names(build_student(cfg, teacher, LABELS, 0, tokenizer))
+    assert names and not any(re.search(ffn, n) for n in names)
+    assert any("attention.output.dense" in n for n in names)
+    assert "classifier.weight" in names
+    with pytest.raises(ModelError, match="matches no parameter"):
+        build_student(parse_config({"model.freeze": "nope"}).model, teacher, LABELS, 0, tokenizer)
+    with pytest.raises(ModelError, match="leaves no trainable parameter"):
+        build_student(parse_config({"model.freeze": "."}).model, teacher, LABELS, 0, tokenizer)
+
+
+def test_bad_freeze_pattern_is_a_named_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"model\.freeze"):
+        parse_config({"model.freeze": "(unclosed"})
 
 
 def test_initial_models_identical_on_every_node(tmp_path) -> None:

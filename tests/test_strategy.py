@@ -127,6 +127,33 @@ def test_compressed_fedavg_applies_mean_of_decoded_deltas() -> None:
         np.testing.assert_allclose(got[name].numpy(), global_w[name] + mean_delta, atol=1e-6)
 
 
+@pytest.mark.parametrize("uniform", [False, True])
+def test_weighting_by_examples_or_uniform(uniform: bool) -> None:
+    rng = np.random.default_rng(2)
+    initial, global_w = _arrays(rng), _arrays(rng)
+    deltas = [_arrays(rng, 0.1) for _ in range(2)]
+    sizes = [1, 9]
+    replies = [
+        _reply(i, payload_record(encode(d, parse_spec("none")).payload), n)
+        for i, (d, n) in enumerate(zip(deltas, sizes, strict=True))
+    ]
+    wrapper = CompressedStrategy(
+        FedAvg(),
+        schema=SCHEMA,
+        initial=initial,
+        uplink=parse_spec("none"),
+        downlink=parse_spec("none"),
+        max_payload_bytes=1 << 20,
+        uniform=uniform,
+    )
+    _prime(wrapper, global_w)
+    got, _ = wrapper.aggregate_train(1, replies)
+    weights = [0.5, 0.5] if uniform else [0.1, 0.9]
+    for name, _ in SCHEMA:
+        mixed = weights[0] * deltas[0][name] + weights[1] * deltas[1][name]
+        np.testing.assert_allclose(got[name].numpy(), global_w[name] + mixed, atol=1e-6)
+
+
 def test_garbage_reply_is_dropped_and_counted() -> None:
     rng = np.random.default_rng(2)
     initial, global_w = _arrays(rng), _arrays(rng)

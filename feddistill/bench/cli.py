@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from feddistill.bench.spec import ALL_SCENARIOS, QUICK, BenchSetting, find_agnews
+from feddistill.bench.spec import ALL_SCENARIOS, BERT_FFN, QUICK, BenchSetting, find_agnews
 
 DESCRIPTION = """\
 Benchmark scenarios on one dataset and one partitioning: centralized teacher and student
@@ -21,7 +21,9 @@ bench.png into --out.
 --preset agnews: train/test from ../shared/data/agnews (relative to the repository root or
 the working directory), 3,000 train rows, 2,000 test rows for the per-round curve, final
 accuracy on all 7,600 test rows, teacher offline:all-minilm-l6-v2, derived 2-layer student
-with frozen embeddings, max-length 64, 10 clients Dirichlet 0.5, 5 per round.
+with frozen embeddings, max-length 64, 10 clients Dirichlet 0.5, 5 per round; the compressed
+scenarios (feddistill and its variants) also freeze the student's feed-forward blocks, so only
+attention, norms, pooler and head are trained and sent (--compressed-freeze).
 
 --quick (smoke run, about 5-10 minutes on 2 CPU cores): the agnews files when found (else
 the embedded corpus), 600 train rows, 400 eval rows, final accuracy on 1,000 test rows,
@@ -50,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="freeze the student's embeddings so they are not exchanged (default on)",
+    )
+    p.add_argument(
+        "--compressed-freeze",
+        metavar="REGEX",
+        help="student parameters (names matching REGEX) frozen in the compressed scenarios, "
+        "so neither trained nor sent; --preset agnews: the feed-forward blocks "
+        f"({BERT_FFN}); '' freezes nothing more",
     )
     p.add_argument("--max-length", type=int, help=f"tokens per text (default {d['max_length']})")
     p.add_argument("--num-clients", type=int, help=f"clients (default {d['num_clients']})")
@@ -100,7 +109,10 @@ def setting_from_args(args: argparse.Namespace, repo_root: Path, cwd: Path) -> B
             folder = None  # --quick without the agnews files: the embedded corpus
         if folder is not None:
             values.update(
-                train=str(folder / "train.csv"), test=str(folder / "test.csv"), test_rows=0
+                train=str(folder / "train.csv"),
+                test=str(folder / "test.csv"),
+                test_rows=0,
+                compressed_freeze=BERT_FFN,
             )
             preset = preset or "agnews"
     if args.quick:

@@ -313,9 +313,7 @@ class Runner:
         sc = FEDERATED[name]
         out = self.setting.out / name
         _drop_residuals(Path(self.cfg.cache_dir))
-        cfg = self.cfg.with_overrides(
-            {**sc.overrides, "rounds": self.setting.rounds_for(name), "output-dir": str(out)}
-        )
+        cfg = self.cfg.with_overrides({**self.setting.overrides_for(name), "output-dir": str(out)})
         results = simulate(cfg)
         student = AutoModelForSequenceClassification.from_pretrained(out / "student")
         acc = evaluate(student, self.test, device=self.device).accuracy
@@ -328,7 +326,10 @@ class Runner:
             uplink=c.uplink,
             downlink=c.downlink,
             strategy=cfg.server.strategy,
-            notes=f"{sc.note}; uplink {c.uplink}, downlink {c.downlink}, {cfg.server.strategy}",
+            frozen=cfg.model.freeze,
+            exchanged_parameters=results["model"]["exchanged_parameters"],
+            notes=f"{sc.note}; uplink {c.uplink}, downlink {c.downlink}, {cfg.server.strategy}"
+            + (f"; frozen {cfg.model.freeze}" if cfg.model.freeze else ""),
         )
 
     # -- bytes only ----------------------------------------------------------------------------
@@ -434,6 +435,11 @@ def describe(setting: BenchSetting, data: dict[str, Any], cfg: Config) -> dict[s
         "student": (
             f"derived: {setting.student_layers} layers ({cfg.model.layer_selection}), "
             f"freeze-embeddings={str(setting.freeze_embeddings).lower()}"
+            + (
+                f", compressed scenarios also freeze {setting.compressed_freeze!r}"
+                if setting.compressed_freeze
+                else ""
+            )
         ),
         "rounds": {"dense": setting.rounds, "compressed": setting.compressed_rounds},
         "scenarios": setting.ordered_scenarios(),

@@ -275,6 +275,7 @@ def distill_locally(
             teacher_data=t_train,
             teacher_lr=cfg.teacher.lr,
             proximal_mu=proximal_mu,
+            logit_adjust=cfg.distill.logit_adjust,
         )
 
 

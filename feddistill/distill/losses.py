@@ -74,6 +74,24 @@ class KDLoss(nn.Module):
         return KDParts(ce=ce, kd=kd)
 
 
+def prior_offset(labels: torch.Tensor, num_classes: int, tau: float) -> torch.Tensor:
+    """``tau * log p(y)`` of the local labels (add-one smoothed), shape ``[num_classes]``.
+
+    Logit adjustment for label skew (Menon et al. 2021, "Long-tail learning via logit
+    adjustment"; FedLC, Zhang et al. 2022): a client trains ``logits + tau * log p_local(y)``
+    against its labels and its teacher, so the logits it learns, and sends, are those of a
+    balanced label distribution instead of its own skewed one. Under Dirichlet label skew each
+    client otherwise pulls the global head toward its majority classes, and the global model
+    swings with whichever clients were sampled. A class absent locally gets a strongly
+    negative offset, which leaves that class's logit nearly untouched by this client.
+    """
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau!r}")
+    counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=num_classes)[:num_classes]
+    prior = (counts.double() + 1.0) / (counts.sum().double() + num_classes)
+    return (tau * prior.log()).float()
+
+
 def kd_objective(parts: KDParts, alpha: float, temperature: float) -> torch.Tensor:
     """``alpha * CE + (1 - alpha) * T^2 * KL``; T^2 keeps KD gradients on the CE scale."""
     if not 0.0 <= alpha <= 1.0:

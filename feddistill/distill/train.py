@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from feddistill.distill.losses import KDLoss, kd_objective
+from feddistill.distill.losses import KDLoss, kd_objective, prior_offset
 
 
 @dataclass
@@ -140,6 +140,7 @@ def distill(
     teacher_data: Encoded | None = None,
     teacher_lr: float = 0.0,
     proximal_mu: float = 0.0,
+    logit_adjust: float = 0.0,
 ) -> TrainStats:
     """Train ``student`` on ``alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)``.
 
@@ -147,6 +148,8 @@ def distill(
     distillation (FedKD, Wu et al. 2022) passes ``teacher`` instead: the teacher is then trained
     in the same loop on ``alpha * CE + (1 - alpha) * T^2 * KL(student || teacher)``.
     ``proximal_mu`` adds FedProx's ``mu/2 * ||w - w_received||^2`` (Li et al. 2020, eq. 2).
+    ``logit_adjust`` (tau) trains the student's logits plus ``tau * log p(y)`` of ``data``'s
+    labels (see :func:`~feddistill.distill.losses.prior_offset`); 0 turns it off.
     """
     if len(data) == 0:
         return TrainStats(loss=0.0, accuracy=0.0, examples=0)
@@ -161,6 +164,9 @@ def distill(
         t_opt = torch.optim.AdamW(
             [p for p in teacher.parameters() if p.requires_grad], lr=teacher_lr
         )
+    offset = None
+    if logit_adjust > 0:
+        offset = prior_offset(data.labels, student.config.num_labels, logit_adjust).to(device)
     gen = torch.Generator().manual_seed(seed)
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
@@ -184,7 +190,8 @@ def distill(
                 t_logits = teacher_logits[idx].to(device)
             else:
                 t_logits = s_logits.detach()  # alpha == 1: KD part is zero anyway
-            loss = kd_objective(loss_fn(s_logits, t_logits, labels), alpha, temperature)
+            fitted = s_logits if offset is None else s_logits + offset
+            loss = kd_objective(loss_fn(fitted, t_logits, labels), alpha, temperature)
             if anchor:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox

@@ -11,6 +11,7 @@ silently diverging.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +212,26 @@ def build_student(
         base = getattr(student, student.base_model_prefix)
         for p in base.embeddings.parameters():
             p.requires_grad_(False)
+    if cfg.freeze:
+        freeze_matching(student, cfg.freeze)
     return student
+
+
+def freeze_matching(model: PreTrainedModel, pattern: str) -> None:
+    """Freeze the parameters whose names match ``pattern``; a pattern that matches nothing or
+    everything is a mistake worth an error, not a silent no-op or an untrainable model."""
+    rx = re.compile(pattern)
+    params = list(model.named_parameters())
+    hits = [p for n, p in params if rx.search(n)]
+    if not hits:
+        raise ModelError(
+            f"model.freeze = {pattern!r} matches no parameter of the student; names look like "
+            f"{params[0][0]!r} and {params[-1][0]!r}"
+        )
+    for p in hits:
+        p.requires_grad_(False)
+    if not any(p.requires_grad for _, p in params):
+        raise ModelError(f"model.freeze = {pattern!r} leaves no trainable parameter")
 
 
 def exchanged_names(model: PreTrainedModel) -> list[str]:

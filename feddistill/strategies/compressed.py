@@ -77,8 +77,10 @@ class CompressedStrategy(Strategy):
         seed: int = 0,
         min_replies: int = 1,
         round_offset: int = 0,
+        uniform: bool = False,
     ) -> None:
         self.inner = inner
+        self.uniform = uniform
         self.schema = [(n, tuple(s)) for n, s in schema]
         self.names = [n for n, _ in self.schema]
         self.initial = {n: np.asarray(initial[n], dtype=np.float32) for n in self.names}
@@ -222,6 +224,9 @@ class CompressedStrategy(Strategy):
                 stats.failures.append((node, reason))
                 log.warning("round %d: dropped reply of node %s: %s", server_round, node, reason)
                 continue
+            if self.uniform:  # every reply weighs the same in the inner strategy's average
+                content = msg.content
+                content.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = 1.0
             self._answered(node, ok=True)
             valid.append(msg)
         for node in asked.values():  # sent, but nothing came back before the round timed out

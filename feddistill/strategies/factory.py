@@ -74,4 +74,5 @@ def build_strategy(
         max_payload_bytes=int(cfg.compression.max_payload_mb * 2**20),
         seed=cfg.seed,
         min_replies=cfg.server.min_replies,
+        uniform=cfg.server.weighting == "uniform",
     )
