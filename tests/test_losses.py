@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from feddistill.distill.losses import KDLoss, kd_objective
+from feddistill.distill.losses import KDLoss, kd_objective, prior_offset
 
 
 def _softmax(xs: list[float], t: float) -> list[float]:
@@ -81,3 +81,14 @@ def test_rejects_bad_alpha_and_shape_mismatch() -> None:
         kd_objective(parts, 1.5, 2.0)
     with pytest.raises(ValueError, match="same label set"):
         KDLoss(2.0)(torch.zeros(1, 2), torch.zeros(1, 3))
+
+
+def test_prior_offset_is_tau_times_smoothed_log_prior() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])  # class 3 absent
+    offset = prior_offset(labels, num_classes=4, tau=0.5)
+    expected = 0.5 * torch.log(torch.tensor([4.0, 2.0, 3.0, 1.0]) / 10.0)
+    torch.testing.assert_close(offset, expected)
+    assert int(offset.argmin()) == 3  # the absent class gets the most negative offset
+    assert torch.equal(prior_offset(labels, 4, 0.0), torch.zeros(4))
+    with pytest.raises(ValueError, match="tau"):
+        prior_offset(labels, 4, -1.0)
