@@ -225,8 +225,7 @@ class CompressedStrategy(Strategy):
                 log.warning("round %d: dropped reply of node %s: %s", server_round, node, reason)
                 continue
             if self.uniform:  # every reply weighs the same in the inner strategy's average
-                content = msg.content
-                content.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = 1.0
+                msg.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = 1.0
             self._answered(node, ok=True)
             valid.append(msg)
         for node in asked.values():  # sent, but nothing came back before the round timed out
