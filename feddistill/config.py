@@ -159,6 +159,7 @@ class DistillConfig:
     temperature: float = 2.0
     mutual: bool = False
     logit_adjust: float = 0.0
+    local_classes_only: bool = False
 
     def __post_init__(self) -> None:
         _check_range("distill.alpha", self.alpha, lo=0, hi=1)

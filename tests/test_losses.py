@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from feddistill.distill.losses import KDLoss, kd_objective, prior_offset
+from feddistill.distill.losses import (
+    KDLoss,
+    kd_objective,
+    present_classes,
+    prior_offset,
+    restrict_logits,
+)
 
 
 def _softmax(xs: list[float], t: float) -> list[float]:
@@ -92,3 +98,22 @@ def test_prior_offset_is_tau_times_smoothed_log_prior() -> None:
     assert torch.equal(prior_offset(labels, 4, 0.0), torch.zeros(4))
     with pytest.raises(ValueError, match="tau"):
         prior_offset(labels, 4, -1.0)
+
+
+def test_restricted_softmax_drops_absent_classes_from_both_parts() -> None:
+    labels = torch.tensor([0, 2, 2])  # classes 1 and 3 absent
+    present = present_classes(labels, num_classes=4)
+    assert present.tolist() == [True, False, True, False]
+    student = torch.randn(3, 4, requires_grad=True)
+    teacher = torch.randn(3, 4)
+    parts = KDLoss(2.0)(
+        restrict_logits(student, present), restrict_logits(teacher, present), labels
+    )
+    # Same numbers as a two-class problem over the present columns only.
+    sub = KDLoss(2.0)(student[:, [0, 2]], teacher[:, [0, 2]], torch.tensor([0, 1, 1]))
+    torch.testing.assert_close(parts.ce, sub.ce)
+    torch.testing.assert_close(parts.kd, sub.kd)
+    (parts.ce + parts.kd).backward()
+    assert student.grad is not None
+    assert torch.all(student.grad[:, [1, 3]] == 0)  # absent classes are not pushed down
+    assert torch.all(student.grad[:, [0, 2]] != 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from feddistill.distill.train import encode_texts, predict_logits, torch_threads
+from feddistill.distill.train import distill, encode_texts, predict_logits, torch_threads
 from feddistill.models.build import Labels, build_teacher, builtin_tokenizer
 
 
@@ -33,3 +33,34 @@ def test_torch_threads_restores_the_previous_count() -> None:
     except RuntimeError:
         pass
     assert torch.get_num_threads() == before
+
+
+def _head_after_distill(local_classes_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    tok = builtin_tokenizer(24)
+    model = build_teacher("builtin:tiny", Labels(("a", "b", "c")), tok, seed=0)
+    before = model.classifier.weight.detach().clone()
+    texts = ["red apple pie", "green leaf tea", "red wine glass", "green grass field"] * 2
+    data = encode_texts(tok, texts, [0, 1, 0, 1] * 2, max_length=24)  # class 2 never occurs
+    teacher_logits = torch.randn(len(texts), 3, generator=torch.Generator().manual_seed(1))
+    distill(
+        model,
+        data,
+        teacher_logits,
+        epochs=1,
+        lr=1e-2,
+        batch_size=4,
+        alpha=0.5,
+        temperature=2.0,
+        seed=0,
+        device=torch.device("cpu"),
+        local_classes_only=local_classes_only,
+    )
+    return before, model.classifier.weight.detach()
+
+
+def test_local_classes_only_leaves_the_absent_class_head_untouched() -> None:
+    before, after = _head_after_distill(local_classes_only=True)
+    assert torch.equal(after[2], before[2])
+    assert not torch.equal(after[:2], before[:2])
+    before, after = _head_after_distill(local_classes_only=False)
+    assert not torch.equal(after[2], before[2])  # the plain softmax does push it

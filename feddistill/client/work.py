@@ -276,6 +276,7 @@ def distill_locally(
             teacher_lr=cfg.teacher.lr,
             proximal_mu=proximal_mu,
             logit_adjust=cfg.distill.logit_adjust,
+            local_classes_only=cfg.distill.local_classes_only,
         )
 
 

@@ -92,6 +92,28 @@ def prior_offset(labels: torch.Tensor, num_classes: int, tau: float) -> torch.Te
     return (tau * prior.log()).float()
 
 
+_ABSENT = -1.0e4  # finite: 0 * (log 0 - log 0) would be NaN in the KL sum; exp(-1e4) == 0
+
+
+def present_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[num_classes]`` bool: which classes occur among ``labels``."""
+    counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=num_classes)
+    return counts[:num_classes] > 0
+
+
+def restrict_logits(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Logits with the classes not in ``present`` taken out of the softmax (restricted softmax).
+
+    Under label skew a client that never sees a class otherwise learns, from its labels and from
+    its teacher (fine-tuned on the same data), to push that class's logit down everywhere; the
+    averaged global model then forgets the class whenever such clients dominate a round (FedRS,
+    Li & Zhan 2021, scales those logits; this is its limit, a scale of zero inside the softmax).
+    Applied to student and teacher alike, the KD target becomes the teacher's distribution over
+    the locally present classes. The filled entries carry no gradient.
+    """
+    return logits.masked_fill(~present.to(logits.device), _ABSENT)
+
+
 def kd_objective(parts: KDParts, alpha: float, temperature: float) -> torch.Tensor:
     """``alpha * CE + (1 - alpha) * T^2 * KL``; T^2 keeps KD gradients on the CE scale."""
     if not 0.0 <= alpha <= 1.0:

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from feddistill.distill.losses import KDLoss, kd_objective, prior_offset
+from feddistill.distill.losses import (
+    KDLoss,
+    kd_objective,
+    present_classes,
+    prior_offset,
+    restrict_logits,
+)
 
 
 @dataclass
@@ -142,6 +148,7 @@ def distill(
     teacher_lr: float = 0.0,
     proximal_mu: float = 0.0,
     logit_adjust: float = 0.0,
+    local_classes_only: bool = False,
 ) -> TrainStats:
     """Train ``student`` on ``alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)``.
 
@@ -151,6 +158,8 @@ def distill(
     ``proximal_mu`` adds FedProx's ``mu/2 * ||w - w_received||^2`` (Li et al. 2020, eq. 2).
     ``logit_adjust`` (tau) trains the student's logits plus ``tau * log p(y)`` of ``data``'s
     labels (see :func:`~feddistill.distill.losses.prior_offset`); 0 turns it off.
+    ``local_classes_only`` restricts both softmaxes to the classes present in ``data`` (see
+    :func:`~feddistill.distill.losses.restrict_logits`).
     """
     if len(data) == 0:
         return TrainStats(loss=0.0, accuracy=0.0, examples=0)
@@ -168,6 +177,9 @@ def distill(
     offset = None
     if logit_adjust > 0:
         offset = prior_offset(data.labels, student.config.num_labels, logit_adjust).to(device)
+    present = present_classes(data.labels, student.config.num_labels).to(device)
+    if not local_classes_only or bool(present.all()):
+        present = None
     gen = torch.Generator().manual_seed(seed)
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):
@@ -192,6 +204,9 @@ def distill(
             else:
                 t_logits = s_logits.detach()  # alpha == 1: KD part is zero anyway
             fitted = s_logits if offset is None else s_logits + offset
+            if present is not None:
+                fitted = restrict_logits(fitted, present)
+                t_logits = restrict_logits(t_logits, present)
             loss = kd_objective(loss_fn(fitted, t_logits, labels), alpha, temperature)
             if anchor:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
