@@ -160,11 +160,13 @@ class DistillConfig:
     mutual: bool = False
     logit_adjust: float = 0.0
     local_classes_only: bool = False
+    not_true_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("distill.alpha", self.alpha, lo=0, hi=1)
         _check_range("distill.temperature", self.temperature, lo=0, lo_open=True, hi=100)
         _check_range("distill.logit-adjust", self.logit_adjust, lo=0, hi=10)
+        _check_range("distill.not-true-weight", self.not_true_weight, lo=0, hi=100)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 from feddistill.distill.losses import (
     KDLoss,
     kd_objective,
+    not_true_kd,
     present_classes,
     prior_offset,
     restrict_logits,
@@ -117,3 +118,28 @@ def test_restricted_softmax_drops_absent_classes_from_both_parts() -> None:
     assert student.grad is not None
     assert torch.all(student.grad[:, [1, 3]] == 0)  # absent classes are not pushed down
     assert torch.all(student.grad[:, [0, 2]] != 0)
+
+
+def test_not_true_kd_ignores_the_true_class() -> None:
+    labels = torch.tensor([0, 2])
+    glob = torch.tensor([[5.0, 1.0, 0.0], [0.3, -1.0, 4.0]])
+    # Only the true class differs from the global model: nothing to distill.
+    student = glob.clone()
+    student[0, 0], student[1, 2] = -3.0, 9.0
+    assert float(not_true_kd(student, glob, labels, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    # By hand: row 0 compares classes {1, 2}, row 1 classes {0, 1}, at T = 2, times T^2.
+    student = torch.tensor([[0.0, 0.0, 2.0], [1.0, 1.0, 0.0]], requires_grad=True)
+    loss = not_true_kd(student, glob, labels, 2.0)
+
+    def kl(g: list[float], s: list[float]) -> torch.Tensor:
+        pg = torch.softmax(torch.tensor(g) / 2, 0)
+        ps = torch.softmax(torch.tensor(s) / 2, 0)
+        return (pg * (pg.log() - ps.log())).sum()
+
+    expected = 4.0 * (kl([1.0, 0.0], [0.0, 2.0]) + kl([0.3, -1.0], [1.0, 1.0])) / 2
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert student.grad is not None
+    assert student.grad[0, 0] == 0 and student.grad[1, 2] == 0  # the label is left to CE
+    with pytest.raises(ValueError, match="temperature"):
+        not_true_kd(student, glob, labels, 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from feddistill.distill.losses import not_true_kd
 from feddistill.distill.train import distill, encode_texts, predict_logits, torch_threads
 from feddistill.models.build import Labels, build_teacher, builtin_tokenizer
 
@@ -64,3 +65,33 @@ def test_local_classes_only_leaves_the_absent_class_head_untouched() -> None:
     assert not torch.equal(after[:2], before[:2])
     before, after = _head_after_distill(local_classes_only=False)
     assert not torch.equal(after[2], before[2])  # the plain softmax does push it
+
+
+def test_not_true_weight_keeps_the_received_view_of_the_other_classes() -> None:
+    """With a large beta, the student's not-true distribution stays near the received model's."""
+    tok = builtin_tokenizer(24)
+    texts = ["red apple pie", "green leaf tea", "red wine glass", "green grass field"] * 2
+    data = encode_texts(tok, texts, [0, 1, 0, 1] * 2, max_length=24)
+    teacher_logits = torch.tensor([[4.0, -4.0, -4.0], [-4.0, 4.0, -4.0]] * 4)
+
+    def drift(beta: float) -> float:
+        model = build_teacher("builtin:tiny", Labels(("a", "b", "c")), tok, seed=0)
+        cpu = torch.device("cpu")
+        before = predict_logits(model, data, device=cpu)
+        distill(
+            model,
+            data,
+            teacher_logits,
+            epochs=3,
+            lr=1e-2,
+            batch_size=4,
+            alpha=0.5,
+            temperature=2.0,
+            seed=0,
+            device=cpu,
+            not_true_weight=beta,
+        )
+        after = predict_logits(model, data, device=cpu)
+        return float(not_true_kd(after, before, data.labels, 2.0))
+
+    assert drift(10.0) < 0.5 * drift(0.0)

@@ -255,8 +255,13 @@ def distill_locally(
     seed: int,
     device: torch.device,
     proximal_mu: float = 0.0,
+    federated: bool = True,
 ) -> TrainStats:
-    """The configured KD recipe on this node's data; seeded so any process repeats it."""
+    """The configured KD recipe on this node's data; seeded so any process repeats it.
+
+    ``federated=False`` (the local-only baseline) drops the not-true distillation term: its
+    starting student is the initial model, not a global one worth preserving.
+    """
     with torch_seeded(seed):
         return distill(
             student,
@@ -277,6 +282,7 @@ def distill_locally(
             proximal_mu=proximal_mu,
             logit_adjust=cfg.distill.logit_adjust,
             local_classes_only=cfg.distill.local_classes_only,
+            not_true_weight=cfg.distill.not_true_weight if federated else 0.0,
         )
 
 

@@ -114,6 +114,31 @@ def restrict_logits(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor
     return logits.masked_fill(~present.to(logits.device), _ABSENT)
 
 
+def not_true_kd(
+    student_logits: torch.Tensor,
+    global_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """``T^2 * KL(global_T || student_T)`` over each row's not-true classes (FedNTD).
+
+    Lee et al. 2022 ("Preservation of the Global Knowledge by Not-True Distillation in
+    Federated Learning"): under label skew local training overwrites what the received global
+    model knows about the classes a client lacks. Distilling the global model's distribution over
+    the classes other than the label (the true class taken out of both softmaxes) keeps that
+    knowledge without fighting the label. Rows are ``[B, C]`` logits; the mean over rows.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    true = F.one_hot(labels.reshape(-1).long(), student_logits.shape[-1]).bool()
+    s = student_logits.float().masked_fill(true, _ABSENT) / temperature
+    g = global_logits.detach().float().masked_fill(true, _ABSENT) / temperature
+    log_p_s = F.log_softmax(s, dim=-1)
+    log_p_g = F.log_softmax(g, dim=-1)
+    kl_rows = (log_p_g.exp() * (log_p_g - log_p_s)).sum(dim=-1)
+    return temperature**2 * kl_rows.mean()
+
+
 def kd_objective(parts: KDParts, alpha: float, temperature: float) -> torch.Tensor:
     """``alpha * CE + (1 - alpha) * T^2 * KL``; T^2 keeps KD gradients on the CE scale."""
     if not 0.0 <= alpha <= 1.0:

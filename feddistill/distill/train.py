@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from feddistill.distill.losses import (
     KDLoss,
     kd_objective,
+    not_true_kd,
     present_classes,
     prior_offset,
     restrict_logits,
@@ -149,6 +150,7 @@ def distill(
     proximal_mu: float = 0.0,
     logit_adjust: float = 0.0,
     local_classes_only: bool = False,
+    not_true_weight: float = 0.0,
 ) -> TrainStats:
     """Train ``student`` on ``alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)``.
 
@@ -160,10 +162,15 @@ def distill(
     labels (see :func:`~feddistill.distill.losses.prior_offset`); 0 turns it off.
     ``local_classes_only`` restricts both softmaxes to the classes present in ``data`` (see
     :func:`~feddistill.distill.losses.restrict_logits`).
+    ``not_true_weight`` (beta) adds ``beta * T^2 * KL`` from the student as received, over the
+    not-true classes (FedNTD; :func:`~feddistill.distill.losses.not_true_kd`); 0 turns it off.
     """
     if len(data) == 0:
         return TrainStats(loss=0.0, accuracy=0.0, examples=0)
     loss_fn = KDLoss(temperature)
+    global_logits = None
+    if not_true_weight > 0:  # the received model's view, fixed for the whole local round
+        global_logits = predict_logits(student, data, device=device, precision=precision)
     student.to(device).train()
     params = [p for p in student.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
@@ -208,6 +215,9 @@ def distill(
                 fitted = restrict_logits(fitted, present)
                 t_logits = restrict_logits(t_logits, present)
             loss = kd_objective(loss_fn(fitted, t_logits, labels), alpha, temperature)
+            if global_logits is not None:
+                ntd = not_true_kd(s_logits, global_logits[idx].to(device), labels, temperature)
+                loss = loss + not_true_weight * ntd
             if anchor:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox

@@ -82,6 +82,7 @@ def local_only_accuracies(
             epochs=cfg.server.local_only_epochs,
             seed=cfg.seed + pid,
             device=device,
+            federated=False,
         )
         accs.append(evaluate(student, test, device=device).accuracy)
         log.info("local-only student of client %d: test accuracy %.4f", pid, accs[-1])
