@@ -218,6 +218,7 @@ class ServerConfig:
     local_only: str = "auto"
     local_only_epochs: int = 10
     weighting: str = "examples"
+    average_last: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("server.strategy", self.strategy, STRATEGIES)
@@ -241,6 +242,7 @@ class ServerConfig:
         _check_range("server.trim-beta", self.trim_beta, lo=0, hi=0.5)
         _check_choice("server.local-only", self.local_only, ("auto", "on", "off"))
         _check_range("server.local-only-epochs", self.local_only_epochs, lo=1, hi=10_000)
+        _check_range("server.average-last", self.average_last, lo=0, hi=100_000)
 
     def num_sampled(self, value: float, num_clients: int) -> int:
         """Clients for a round: ``value`` < 1 is a fraction of ``num_clients``, else a count."""

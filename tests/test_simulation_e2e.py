@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -67,7 +68,11 @@ def test_tiny_federation_end_to_end(tmp_path: Path) -> None:
 
 def test_two_runs_of_the_same_config_sample_the_same_clients(tmp_path: Path) -> None:
     """Simulated node ids are random per process; ordering nodes by partition id makes the
-    seeded client sample, and so the whole run, repeat (4 clients, 2 per round, 3 rounds)."""
+    seeded client sample, and so the whole run, repeat (4 clients, 2 per round, 3 rounds).
+
+    The runs also average their last two rounds' globals (``server.average-last = 2``): the
+    exported student is that average, the per-round checkpoints stay each round's global.
+    """
     from safetensors.numpy import load_file
 
     overrides = {
@@ -76,13 +81,28 @@ def test_two_runs_of_the_same_config_sample_the_same_clients(tmp_path: Path) -> 
         "server.clients-per-round": 2.0,
         "server.evaluate-clients": 0.0,
         "server.local-only": "off",
+        "server.average-last": 2,
     }
     finals = []
     for name in ("a", "b"):
         cfg = tiny_config(tmp_path / name, **overrides)
         results = simulate(cfg)
         assert [r["replies"] for r in results["rounds"]] == [2, 2, 2]
-        finals.append(load_file(Path(cfg.output_dir) / "checkpoints" / "round-0003.safetensors"))
+        out = Path(cfg.output_dir)
+        finals.append(load_file(out / "checkpoints" / "round-0003.safetensors"))
+        final = results["final"]
+        assert final["averaged_rounds"] == [2, 3]
+        assert final["last_round_accuracy"] == results["rounds"][-1]["accuracy"]
+        assert 0.0 <= final["accuracy"] <= 1.0
+
+        r2 = load_file(out / "checkpoints" / "round-0002.safetensors")
+        exported = load_file(out / "student" / "model.safetensors")
+        moved = [k for k in r2 if not np.array_equal(r2[k], finals[-1][k])]
+        assert moved, "the two averaged rounds should differ"
+        for key in moved:
+            np.testing.assert_allclose(
+                exported[key], (r2[key] + finals[-1][key]) / 2, rtol=1e-6, atol=1e-7
+            )
     assert finals[0].keys() == finals[1].keys()
     for key in finals[0]:
         assert (finals[0][key] == finals[1][key]).all(), key

@@ -79,6 +79,7 @@ class ServerState:
     python_random: Any = None
     torch_random: np.ndarray | None = None
     downlink: dict[str, Any] | None = None  # the chained downlink's state, if any
+    tail: dict[str, Any] | None = None  # the running sum of server.average-last, if any
 
 
 def state_path(output_dir: str | Path) -> Path:
@@ -174,6 +175,11 @@ def save_state(path: Path, state: ServerState) -> None:
             "broadcast": _pack(state.downlink["broadcast"], arrays),
             "payloads": _pack(state.downlink["payloads"], arrays),
         }
+    if state.tail is not None:
+        manifest["tail"] = {
+            "meta": state.tail["meta"],
+            "total": _pack(state.tail["total"], arrays) if state.tail["total"] else None,
+        }
     blob = np.frombuffer(json.dumps(manifest, default=_json_default).encode(), dtype=np.uint8)
     save_arrays(path, {_MANIFEST: blob, **arrays})  # atomic: temp file + os.replace
 
@@ -196,6 +202,10 @@ def load_state(path: Path) -> ServerState | None:
             "broadcast": _unpack(downlink["broadcast"], arrays),
             "payloads": _unpack(downlink["payloads"], arrays),
         }
+    tail = manifest.get("tail")
+    if tail is not None:
+        total = tail["total"]
+        tail = {"meta": tail["meta"], "total": {} if total is None else _unpack(total, arrays)}
     return ServerState(
         round=int(manifest["round"]),
         global_arrays=_unpack(manifest["global"], arrays),
@@ -205,6 +215,7 @@ def load_state(path: Path) -> ServerState | None:
         python_random=manifest["python_random"],
         torch_random=None if torch_random is None else _unpack(torch_random, arrays),
         downlink=downlink,
+        tail=tail,
     )
 
 
@@ -244,8 +255,12 @@ def snapshot(
     global_arrays: Mapping[str, np.ndarray],
     strategy: CompressedStrategy,
     record: RunRecord,
+    tail: dict[str, Any] | None = None,
 ) -> ServerState:
     """The state after ``server_round`` (call once the round is recorded).
+
+    ``tail`` is :meth:`feddistill.server.tail.TailAverage.state` when the run averages its last
+    rounds' models.
 
     The wrapper's traffic counters are already in ``record``; a stateless downlink is encoded
     afresh each round, a chained one (:class:`feddistill.codec.chain.ChainSender`) is saved.
@@ -269,6 +284,7 @@ def snapshot(
         python_random=python_random,
         torch_random=torch_random,
         downlink=downlink,
+        tail=tail,
     )
 
 

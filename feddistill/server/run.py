@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from feddistill import __version__, keys
 from feddistill.client.state import ClientState, folder_bytes
 from feddistill.client.work import distill_locally, encode_train, node_data, teacher_for_round
 from feddistill.codec import dense_float32_bytes
-from feddistill.config import Config
+from feddistill.config import Config, ConfigError
 from feddistill.distill.train import (
     Encoded,
     encode_texts,
@@ -45,6 +46,7 @@ from feddistill.server.checkpoint import (
 from feddistill.server.grids import SAMPLER, private_sampling
 from feddistill.server.progress import RoundWatch, WatchedGrid
 from feddistill.server.results import RunRecord, summarize_local_only
+from feddistill.server.tail import TailAverage, window_start
 from feddistill.strategies import CompressedStrategy, build_strategy
 from feddistill.task import InitialModels, initial_models, partitions, server_data
 
@@ -168,7 +170,8 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
     ckpt_dir.mkdir(exist_ok=True)
     clock = {"t": time.time()}
     watch = RoundWatch(cfg.rounds, display=progress)  # sees replies as they arrive
-    done, global_arrays = _resume_or_start(cfg, strategy, record, models.init_arrays)
+    done, global_arrays, saved_tail = _resume_or_start(cfg, strategy, record, models.init_arrays)
+    tail = _tail_average(cfg, done, saved_tail)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:  # resumed: the initial model was evaluated before
@@ -205,7 +208,18 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
             client_state=watch.state_bytes_summary(server_round),
         )
         global_now = {n: arrays[n].numpy() for n in models.names}
-        save_state(state_path(out), snapshot(server_round, global_now, strategy, record))
+        if tail is not None:
+            tail.add(server_round, global_now)
+        save_state(
+            state_path(out),
+            snapshot(
+                server_round,
+                global_now,
+                strategy,
+                record,
+                tail=None if tail is None else tail.state(),
+            ),
+        )
         clock["t"] = now
         return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
 
@@ -228,11 +242,19 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
             evaluate_fn=evaluate_fn,
         )
     final_arrays = result.arrays if len(result.arrays) else initial
-    set_arrays(server_student, {n: final_arrays[n].numpy() for n in models.names})
+    last = {n: final_arrays[n].numpy() for n in models.names}
+    extra: dict[str, object] = {}
+    if tail is not None and tail.count:
+        set_arrays(server_student, tail.mean(like=last))
+        extra.update(
+            _averaged_result(cfg, tail, record, server_student, test, device, eval_threads)
+        )
+    else:
+        set_arrays(server_student, last)
     student_dir = out / "student"
     save_student(server_student, models.student_tokenizer, student_dir)
 
-    extra: dict[str, object] = {"student_dir": str(student_dir)}
+    extra["student_dir"] = str(student_dir)
     if test is not None and _want_local_only(cfg, simulated):
         with torch_threads(eval_threads):
             extra.update(summarize_local_only(local_only_accuracies(cfg, labels, models, test)))
@@ -241,11 +263,19 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
     extra.update(_cache_usage(cfg, simulated))
     record.finish(**extra)
     f = record.final
+    averaged = ""
+    if f.get("averaged_rounds"):
+        first, last_round = f["averaged_rounds"]
+        averaged = (
+            f" = average of the globals of rounds {first}-{last_round}; "
+            f"round {last_round}'s global alone {_fmt(f['last_round_accuracy'])}"
+        )
     log.info(
-        "done: %d rounds, final accuracy %s (best %s in round %s), local-only %s; "
+        "done: %d rounds, final accuracy %s%s (best round %s in round %s), local-only %s; "
         "bytes up %s, down %s; %.0f s. Results in %s",
         f["rounds_completed"],
         _fmt(f["accuracy"]),
+        averaged,
         _fmt(f["best_accuracy"]),
         f["best_round"],
         _fmt(f.get("local_only_accuracy")),
@@ -257,9 +287,61 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
     return record
 
 
+def _averaged_result(
+    cfg: Config,
+    tail: TailAverage,
+    record: RunRecord,
+    model: torch.nn.Module,
+    test: Encoded | None,
+    device: torch.device,
+    threads: int,
+) -> dict[str, object]:
+    """Final-result fields of the averaged model (already in ``model``); the rounds keep theirs."""
+    first, last = tail.rounds
+    out: dict[str, object] = {
+        "averaged_rounds": [first, last],
+        "last_round_accuracy": record.rounds[-1]["accuracy"] if record.rounds else None,
+        "last_round_loss": record.rounds[-1]["loss"] if record.rounds else None,
+    }
+    if test is not None:
+        with torch_threads(threads):
+            stats = evaluate(model, test, device=device)
+        out.update(accuracy=stats.accuracy, loss=stats.loss)
+    else:
+        out.update(accuracy=None, loss=None)
+    log.info(
+        "server.average-last = %d: the output model is the average of the globals of rounds %d-%d",
+        cfg.server.average_last,
+        first,
+        last,
+    )
+    return out
+
+
+def _tail_average(cfg: Config, done: int, saved: dict[str, Any] | None) -> TailAverage | None:
+    """The running average for ``server.average-last``, continued from a resumed state.
+
+    A resumed run that changed ``rounds`` after averaging began would average another window
+    than the one summed so far: refused with the ``rounds`` that fits.
+    """
+    if cfg.server.average_last == 0:
+        return None
+    first = window_start(cfg.rounds, cfg.server.average_last)
+    tail = TailAverage.from_state(saved) if saved is not None else TailAverage(first)
+    if tail.count == 0:
+        tail = TailAverage(first)
+    if tail.first != first or tail.first + tail.count != max(first, done + 1):
+        raise ConfigError(
+            f"invalid config rounds = {cfg.rounds}: the saved run averages the globals from "
+            f"round {tail.first} on (server.average-last = {cfg.server.average_last}) and has "
+            f"completed {done} rounds; resume with the rounds it was started with"
+        )
+    return tail
+
+
 def _resume_or_start(
     cfg: Config, strategy: CompressedStrategy, record: RunRecord, init: dict[str, np.ndarray]
-) -> tuple[int, dict[str, np.ndarray]]:
+) -> tuple[int, dict[str, np.ndarray], dict[str, Any] | None]:
     """Rounds already completed and the global arrays to start from.
 
     ``resume = true`` restores the saved state (strategy, ``random``, run record) and records a
@@ -269,16 +351,16 @@ def _resume_or_start(
     path = state_path(cfg.output_dir)
     if not cfg.resume:
         path.unlink(missing_ok=True)
-        return 0, init
+        return 0, init, None
     saved = load_state(path)
     if saved is None:
         log.info("resume = true but %s does not exist: starting from round 1", path)
-        return 0, init
+        return 0, init, None
     restore(saved, cfg, strategy, record)
     record.events.append({"event": "resume", "from_round": saved.round, "time": time.time()})
     record.save()
     log.info("resuming after round %d of %d (state %s)", saved.round, cfg.rounds, path)
-    return saved.round, saved.global_arrays
+    return saved.round, saved.global_arrays, saved.tail
 
 
 def _cache_usage(cfg: Config, simulated: bool) -> dict[str, int | None]:
