@@ -10,7 +10,7 @@ import pytest
 from feddistill.config import ConfigError, parse_config
 from feddistill.server.checkpoint import ServerState, load_state, save_state
 from feddistill.server.run import _tail_average
-from feddistill.server.tail import TailAverage, window_start
+from feddistill.server.tail import TailAverage, window_size, window_start
 
 
 def _globals(r: int) -> dict[str, np.ndarray]:
@@ -55,19 +55,42 @@ def test_tail_survives_the_state_file(tmp_path: Path) -> None:
     assert saved is not None and saved.tail is not None and saved.tail["total"] == {}
 
 
-def test_resume_keeps_the_window_or_refuses() -> None:
+def test_fraction_of_the_rounds_is_rounded_up() -> None:
+    assert window_size(30, 0.25) == 8 and window_start(30, 0.25) == 23
+    assert window_size(20, 0.25) == 5 and window_size(2, 0.25) == 1
+    assert window_size(10, 3) == 3 and window_size(2, 5) == 2
+    with pytest.raises(ConfigError, match=r"server\.average-last"):
+        parse_config({"server.average-last": 2.5})
+
+
+def _checkpoint(folder: Path, r: int) -> None:
+    from safetensors.numpy import save_file
+
+    folder.mkdir(exist_ok=True)
+    save_file(_globals(r), str(folder / f"round-{r:04d}.safetensors"))
+
+
+def test_resume_continues_or_resums_the_window_from_checkpoints(tmp_path: Path) -> None:
+    ckpt, names = tmp_path / "checkpoints", ["w", "b"]
     cfg = parse_config({"rounds": 6, "server.average-last": 3})
-    assert _tail_average(parse_config({"rounds": 6}), 0, None) is None
-    fresh = _tail_average(cfg, 0, None)
-    assert fresh is not None and fresh.first == 4
+    assert (
+        _tail_average(parse_config({"rounds": 6, "server.average-last": 0}), 0, None, ckpt, names)
+        is None
+    )
+    fresh = _tail_average(cfg, 0, None, ckpt, names)
+    assert fresh is not None and fresh.first == 4 and fresh.count == 0
     summed = TailAverage(4)
     for r in (4, 5):
         summed.add(r, _globals(r))
-    resumed = _tail_average(cfg, 5, summed.state())
+    resumed = _tail_average(cfg, 5, summed.state(), ckpt, names)
     assert resumed is not None and resumed.rounds == (4, 5)
-    # Not yet in the window: rounds may still change.
-    assert _tail_average(cfg.with_overrides({"rounds": 8}), 2, TailAverage(4).state()) is not None
-    with pytest.raises(ConfigError, match="rounds = 8"):
-        _tail_average(cfg.with_overrides({"rounds": 8}), 5, summed.state())
-    with pytest.raises(ConfigError, match=r"server\.average-last"):
-        _tail_average(cfg, 5, None)  # rounds 4 and 5 were never summed
+    # rounds raised to 8 after round 5: the window is now 6..8, nothing of it done yet
+    later = _tail_average(cfg.with_overrides({"rounds": 8}), 5, summed.state(), ckpt, names)
+    assert later is not None and later.first == 6 and later.count == 0
+    # rounds raised to 7: window 5..7, round 5 re-summed from its checkpoint, or refused
+    with pytest.raises(ConfigError, match="round 5"):
+        _tail_average(cfg.with_overrides({"rounds": 7}), 5, summed.state(), ckpt, names)
+    _checkpoint(ckpt, 5)
+    moved = _tail_average(cfg.with_overrides({"rounds": 7}), 5, summed.state(), ckpt, names)
+    assert moved is not None and moved.rounds == (5, 5)
+    np.testing.assert_array_equal(moved.mean(like=_globals(5))["w"], _globals(5)["w"])

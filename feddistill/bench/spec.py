@@ -53,10 +53,13 @@ FEDERATED: dict[str, FederatedScenario] = {
             "compression.uplink": "none",
             "compression.downlink": "none",
             "distill.alpha": 1.0,
+            "distill.local-classes-only": False,
             "server.strategy": "fedavg",
+            "server.average-last": 0.0,
         },
         compressed=False,
-        note="plain FedAvg of the student, float32 both ways, no teacher (distill.alpha = 1)",
+        note="plain FedAvg of the student, float32 both ways, no teacher (distill.alpha = 1), "
+        "last round's global",
     ),
     "feddistill": FederatedScenario(
         {},

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
 from feddistill import __version__, keys
@@ -171,7 +173,7 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
     clock = {"t": time.time()}
     watch = RoundWatch(cfg.rounds, display=progress)  # sees replies as they arrive
     done, global_arrays, saved_tail = _resume_or_start(cfg, strategy, record, models.init_arrays)
-    tail = _tail_average(cfg, done, saved_tail)
+    tail = _tail_average(cfg, done, saved_tail, ckpt_dir, models.names)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:  # resumed: the initial model was evaluated before
@@ -310,7 +312,7 @@ def _averaged_result(
     else:
         out.update(accuracy=None, loss=None)
     log.info(
-        "server.average-last = %d: the output model is the average of the globals of rounds %d-%d",
+        "server.average-last = %s: the output model is the average of the globals of rounds %d-%d",
         cfg.server.average_last,
         first,
         last,
@@ -318,24 +320,38 @@ def _averaged_result(
     return out
 
 
-def _tail_average(cfg: Config, done: int, saved: dict[str, Any] | None) -> TailAverage | None:
-    """The running average for ``server.average-last``, continued from a resumed state.
+def _tail_average(
+    cfg: Config,
+    done: int,
+    saved: dict[str, Any] | None,
+    checkpoints: Path,
+    names: Sequence[str],
+) -> TailAverage | None:
+    """The running average for ``server.average-last``, continued after a resume.
 
-    A resumed run that changed ``rounds`` after averaging began would average another window
-    than the one summed so far: refused with the ``rounds`` that fits.
+    The saved sum is kept when it covers exactly the window's rounds done so far. A resume that
+    moved the window (``rounds`` changed) re-sums those rounds from their checkpoints; without
+    them it is refused.
     """
     if cfg.server.average_last == 0:
         return None
     first = window_start(cfg.rounds, cfg.server.average_last)
-    tail = TailAverage.from_state(saved) if saved is not None else TailAverage(first)
-    if tail.count == 0:
-        tail = TailAverage(first)
-    if tail.first != first or tail.first + tail.count != max(first, done + 1):
-        raise ConfigError(
-            f"invalid config rounds = {cfg.rounds}: the saved run averages the globals from "
-            f"round {tail.first} on (server.average-last = {cfg.server.average_last}) and has "
-            f"completed {done} rounds; resume with the rounds it was started with"
-        )
+    if saved is not None:
+        tail = TailAverage.from_state(saved)
+        if tail.count and tail.first == first and tail.first + tail.count == done + 1:
+            return tail
+    tail = TailAverage(first)
+    for r in range(first, done + 1):
+        path = checkpoints / f"round-{r:04d}.safetensors"
+        if not path.exists():
+            raise ConfigError(
+                f"invalid config rounds = {cfg.rounds}: server.average-last = "
+                f"{cfg.server.average_last} now averages rounds {first}-{cfg.rounds}, but the "
+                f"saved run did not sum round {r} and its checkpoint {path} is missing; resume "
+                "with the rounds the run was started with"
+            )
+        arrays = load_numpy(str(path))
+        tail.add(r, {n: arrays[n] for n in names})
     return tail
 
 

@@ -10,6 +10,7 @@ continues from each round's global model, so the clients, the wire and the bytes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,15 @@ from typing import Any
 import numpy as np
 
 
-def window_start(rounds: int, last: int) -> int:
-    """First round averaged when ``last`` of ``rounds`` rounds are (all of them if fewer)."""
-    return max(1, rounds - last + 1)
+def window_size(rounds: int, last: float) -> int:
+    """Rounds averaged: ``last`` < 1 is a fraction of ``rounds`` (rounded up), else a count."""
+    count = math.ceil(last * rounds) if last < 1 else int(last)
+    return max(0, min(count, rounds))
+
+
+def window_start(rounds: int, last: float) -> int:
+    """First round averaged when the last ``last`` (count or fraction) of ``rounds`` are."""
+    return max(1, rounds - window_size(rounds, last) + 1)
 
 
 @dataclass
