@@ -54,12 +54,13 @@ def write_plot(bench: dict[str, Any], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6))
     styles = {CENTRALIZED[0]: "--", CENTRALIZED[1]: "-.", LOCAL_ONLY: ":"}
+    averaged = False
     for s in bench["scenarios"]:
         curve = [p for p in s.get("curve", []) if p["accuracy"] is not None]
         if curve:
             xs = [p["bytes_per_client"] for p in curve if p["bytes_per_client"] > 0]
             ys = [p["accuracy"] for p in curve if p["bytes_per_client"] > 0]
-            left.plot(xs, ys, marker="o", ms=3, label=s["name"])
+            (line,) = left.plot(xs, ys, marker="o", ms=3, label=s["name"])
             right.plot(
                 [p["round"] for p in curve],
                 [p["accuracy"] for p in curve],
@@ -67,6 +68,14 @@ def write_plot(bench: dict[str, Any], path: Path) -> None:
                 ms=3,
                 label=s["name"],
             )
+            # The output model (server.average-last) is not the last round's global: a star at
+            # the end of the curve shows what the table's accuracy is of.
+            final = s.get("eval_accuracy_final")
+            if final is not None and xs and final != curve[-1]["accuracy"]:
+                color = line.get_color()
+                left.plot([xs[-1]], [final], marker="*", ms=12, color=color, ls="none")
+                right.plot([curve[-1]["round"]], [final], marker="*", ms=12, color=color, ls="none")
+                averaged = True
         elif s["name"] in styles and s["accuracy"] is not None:
             for ax in (left, right):
                 ax.axhline(
@@ -95,6 +104,16 @@ def write_plot(bench: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 1)
     right.xaxis.get_major_locator().set_params(integer=True)
     # Below both panels: inside, any spot hides some scenario's curve.
+    if averaged:
+        left.plot(
+            [],
+            [],
+            marker="*",
+            ms=10,
+            color="gray",
+            ls="none",
+            label="output model (average of the last rounds)",
+        )
     handles, labels = left.get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4, frameon=False)
     rows = bench["setting"]["rows"]

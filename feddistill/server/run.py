@@ -273,7 +273,7 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
             f"round {last_round}'s global alone {_fmt(f['last_round_accuracy'])}"
         )
     log.info(
-        "done: %d rounds, final accuracy %s%s (best round %s in round %s), local-only %s; "
+        "done: %d rounds, final accuracy %s%s (best single round %s, round %s), local-only %s; "
         "bytes up %s, down %s; %.0f s. Results in %s",
         f["rounds_completed"],
         _fmt(f["accuracy"]),

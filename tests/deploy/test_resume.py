@@ -4,7 +4,8 @@ Runs ``feddistill simulate`` (Flower's simulation engine) in a subprocess, SIGKI
 process under it (Ray included) once round 2 is in results.json, and reruns it with
 ``--set resume=true``. The resumed run must end with 4 rounds, each recorded once, and the final
 global student (``checkpoints/round-0004.safetensors`` and ``student/``) must equal, bit for bit,
-that of an uninterrupted run with the same seeds.
+that of an uninterrupted run with the same seeds (``student/`` is the average of rounds 3 and 4,
+so a kill after round 3 also checks the saved running sum).
 
 What makes exact equality possible (each was a real source of difference before it was fixed):
 the saved ``random`` state and inner strategy state; replies aggregated in an order that does not
@@ -44,6 +45,7 @@ SETTINGS = [
     "server.local-only=off",
     "compression.uplink=topk:0.1+q8+ef",
     "compression.downlink=topk:0.1+q8+ef",  # the chained downlink: its state must resume too
+    "server.average-last=2",  # the output averages rounds 3-4: its running sum must resume too
 ]
 
 
