@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from feddistill.distill.losses import not_true_kd
-from feddistill.distill.train import distill, encode_texts, predict_logits, torch_threads
+from feddistill.distill.train import (
+    Encoded,
+    distill,
+    encode_texts,
+    predict_logits,
+    torch_threads,
+)
 from feddistill.models.build import Labels, build_teacher, builtin_tokenizer
 
 
@@ -36,27 +44,42 @@ def test_torch_threads_restores_the_previous_count() -> None:
     assert torch.get_num_threads() == before
 
 
-def _head_after_distill(local_classes_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+TEXTS = ["red apple pie", "green leaf tea", "red wine glass", "green grass field"] * 2
+
+
+def _two_class_run(
+    teacher_logits: torch.Tensor, epochs: int, **options: Any
+) -> tuple[torch.Tensor, torch.Tensor, Encoded]:
+    """Distill a fresh 3-class tiny model on data holding only classes 0 and 1.
+
+    Returns the head weights before and after, and the data.
+    """
     tok = builtin_tokenizer(24)
     model = build_teacher("builtin:tiny", Labels(("a", "b", "c")), tok, seed=0)
-    before = model.classifier.weight.detach().clone()
-    texts = ["red apple pie", "green leaf tea", "red wine glass", "green grass field"] * 2
-    data = encode_texts(tok, texts, [0, 1, 0, 1] * 2, max_length=24)  # class 2 never occurs
-    teacher_logits = torch.randn(len(texts), 3, generator=torch.Generator().manual_seed(1))
+    data = encode_texts(tok, TEXTS, [0, 1, 0, 1] * 2, max_length=24)  # class 2 never occurs
+    cpu = torch.device("cpu")
+    before = predict_logits(model, data, device=cpu), model.classifier.weight.detach().clone()
     distill(
         model,
         data,
         teacher_logits,
-        epochs=1,
+        epochs=epochs,
         lr=1e-2,
         batch_size=4,
         alpha=0.5,
         temperature=2.0,
         seed=0,
-        device=torch.device("cpu"),
-        local_classes_only=local_classes_only,
+        device=cpu,
+        **options,
     )
-    return before, model.classifier.weight.detach()
+    after = predict_logits(model, data, device=cpu), model.classifier.weight.detach()
+    return before, after, data
+
+
+def _head_after_distill(local_classes_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    teacher_logits = torch.randn(len(TEXTS), 3, generator=torch.Generator().manual_seed(1))
+    before, after, _ = _two_class_run(teacher_logits, 1, local_classes_only=local_classes_only)
+    return before[1], after[1]
 
 
 def test_local_classes_only_leaves_the_absent_class_head_untouched() -> None:
@@ -69,29 +92,10 @@ def test_local_classes_only_leaves_the_absent_class_head_untouched() -> None:
 
 def test_not_true_weight_keeps_the_received_view_of_the_other_classes() -> None:
     """With a large beta, the student's not-true distribution stays near the received model's."""
-    tok = builtin_tokenizer(24)
-    texts = ["red apple pie", "green leaf tea", "red wine glass", "green grass field"] * 2
-    data = encode_texts(tok, texts, [0, 1, 0, 1] * 2, max_length=24)
     teacher_logits = torch.tensor([[4.0, -4.0, -4.0], [-4.0, 4.0, -4.0]] * 4)
 
     def drift(beta: float) -> float:
-        model = build_teacher("builtin:tiny", Labels(("a", "b", "c")), tok, seed=0)
-        cpu = torch.device("cpu")
-        before = predict_logits(model, data, device=cpu)
-        distill(
-            model,
-            data,
-            teacher_logits,
-            epochs=3,
-            lr=1e-2,
-            batch_size=4,
-            alpha=0.5,
-            temperature=2.0,
-            seed=0,
-            device=cpu,
-            not_true_weight=beta,
-        )
-        after = predict_logits(model, data, device=cpu)
-        return float(not_true_kd(after, before, data.labels, 2.0))
+        before, after, data = _two_class_run(teacher_logits, 3, not_true_weight=beta)
+        return float(not_true_kd(after[0], before[0], data.labels, 2.0))
 
     assert drift(10.0) < 0.5 * drift(0.0)

@@ -184,9 +184,11 @@ def distill(
     offset = None
     if logit_adjust > 0:
         offset = prior_offset(data.labels, student.config.num_labels, logit_adjust).to(device)
-    present = present_classes(data.labels, student.config.num_labels).to(device)
-    if not local_classes_only or bool(present.all()):
-        present = None
+    present = None
+    if local_classes_only:
+        present = present_classes(data.labels, student.config.num_labels).to(device)
+        if bool(present.all()):
+            present = None  # every class occurs: the plain softmax
     gen = torch.Generator().manual_seed(seed)
     total_loss, correct, seen = 0.0, 0, 0
     for _ in range(epochs):

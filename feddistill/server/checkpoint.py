@@ -176,10 +176,7 @@ def save_state(path: Path, state: ServerState) -> None:
             "payloads": _pack(state.downlink["payloads"], arrays),
         }
     if state.tail is not None:
-        manifest["tail"] = {
-            "meta": state.tail["meta"],
-            "total": _pack(state.tail["total"], arrays) if state.tail["total"] else None,
-        }
+        manifest["tail"] = {"meta": state.tail["meta"], "total": _pack(state.tail["total"], arrays)}
     blob = np.frombuffer(json.dumps(manifest, default=_json_default).encode(), dtype=np.uint8)
     save_arrays(path, {_MANIFEST: blob, **arrays})  # atomic: temp file + os.replace
 
@@ -204,8 +201,7 @@ def load_state(path: Path) -> ServerState | None:
         }
     tail = manifest.get("tail")
     if tail is not None:
-        total = tail["total"]
-        tail = {"meta": tail["meta"], "total": {} if total is None else _unpack(total, arrays)}
+        tail = {"meta": tail["meta"], "total": _unpack(tail["total"], arrays)}
     return ServerState(
         round=int(manifest["round"]),
         global_arrays=_unpack(manifest["global"], arrays),

@@ -197,7 +197,7 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
             state = {
                 k: v.detach().cpu().contiguous() for k, v in server_student.state_dict().items()
             }
-            save_file(state, str(ckpt_dir / f"round-{server_round:04d}.safetensors"))
+            save_file(state, str(_checkpoint_path(ckpt_dir, server_round)))
         now = time.time()
         record.add_round(
             server_round,
@@ -289,6 +289,10 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
     return record
 
 
+def _checkpoint_path(folder: Path, server_round: int) -> Path:
+    return folder / f"round-{server_round:04d}.safetensors"
+
+
 def _averaged_result(
     cfg: Config,
     tail: TailAverage,
@@ -342,7 +346,7 @@ def _tail_average(
             return tail
     tail = TailAverage(first)
     for r in range(first, done + 1):
-        path = checkpoints / f"round-{r:04d}.safetensors"
+        path = _checkpoint_path(checkpoints, r)
         if not path.exists():
             raise ConfigError(
                 f"invalid config rounds = {cfg.rounds}: server.average-last = "
