@@ -1,6 +1,7 @@
 """Malformed payloads: every one is refused with PayloadError, and decode stays within memory.
 
-Valid payloads from several specs (covering every value code and position code) are damaged
+Valid payloads from several specs (covering every value code and position code, per-element and
+per-block selection) are damaged
 in four ways: truncation at random points, random byte flips, whole-field edits (magic,
 version, counts, lengths, mode bytes, absurd sizes such as 2**40 elements) and section edits
 crafted from the wire layout (positions past the end, bitmap counts that disagree, NaN/Inf or
@@ -25,7 +26,16 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from feddistill.codec import PayloadError, decode, encode, parse_spec, schema_hash, schema_of
+from feddistill.codec import (
+    CompressionSpec,
+    Encoded,
+    PayloadError,
+    decode,
+    encode,
+    parse_spec,
+    schema_hash,
+    schema_of,
+)
 from feddistill.codec.positions import POS_BITMAP, POS_RICE, encode_positions
 
 RECORD = struct.Struct("<BBBBQIQ")
@@ -40,6 +50,8 @@ SPECS = [
     "fp32",
     "topk:0.2+q1+sr+chunk:7",
     "topk:0.02+q4+sr+chunk:3",
+    "gtopk:0.01+block:16+q4",
+    "topk:0.05+block:7+q8+chunk:50+dense:60",
 ]
 
 
@@ -63,15 +75,16 @@ MEMORY_BOUND = sum(TENSOR_BYTES) + 4 * max(TENSOR_BYTES) + (1 << 20)
 
 @dataclass(frozen=True)
 class Layout:
-    """Offsets of one tensor's parts inside a payload (from the wire layout in wire.py)."""
+    """Offsets of one section's parts inside a payload (from the wire layout in wire.py)."""
 
     record: int
     value_code: int
     pos_code: int
     rice_k: int
-    count: int
+    count: int  # kept units
     chunk: int
-    numel: int
+    numel: int  # units in the section
+    values: int  # kept elements
     pos: int
     pos_len: int
     val: int
@@ -79,17 +92,23 @@ class Layout:
     scales_len: int
 
 
-def layouts(payload: np.ndarray) -> list[Layout]:
-    raw = payload.tobytes()
+def layouts(encoded: Encoded, spec: CompressionSpec) -> list[Layout]:
+    """The dense section then the sparse section."""
+    raw = encoded.payload.tobytes()
+    numels = [int(np.prod(shape, dtype=np.int64)) for _, shape in SCHEMA]
+    dense = [n for n in numels if n < spec.dense_below]
+    sparse = [n for n in numels if n >= spec.dense_below]
+    kept = sum(encoded.stats.kept.values())
+    section_units = [sum(dense), sum(-(-n // spec.block) for n in sparse)]
+    section_values = [sum(dense), kept - sum(dense)]
     off = HEADER_BYTES
     out = []
-    for _, shape in SCHEMA:
+    for units, n_values in zip(section_units, section_values, strict=True):
         vcode, pcode, k, _, count, chunk, pos_len = RECORD.unpack_from(raw, off)
         bits = VALUE_BITS[vcode]
-        scales_len = 4 * -(-count // chunk) if bits <= 8 else 0
-        val_len = scales_len + (count * bits + 7) // 8
+        scales_len = 4 * -(-n_values // chunk) if bits <= 8 else 0
+        val_len = scales_len + (n_values * bits + 7) // 8
         pos = off + RECORD.size
-        numel = int(np.prod(shape, dtype=np.int64))
         out.append(
             Layout(
                 off,
@@ -98,7 +117,8 @@ def layouts(payload: np.ndarray) -> list[Layout]:
                 k,
                 count,
                 chunk,
-                numel,
+                units,
+                n_values,
                 pos,
                 pos_len,
                 pos + pos_len,
@@ -107,7 +127,7 @@ def layouts(payload: np.ndarray) -> list[Layout]:
             )
         )
         off = pos + pos_len + val_len
-    assert off == payload.shape[0]
+    assert off == encoded.payload.shape[0]
     return out
 
 
@@ -130,13 +150,18 @@ def call(payload: object, schema: object = SCHEMA, **kwargs: object) -> Callable
     return lambda: decode(payload, schema, **kwargs)  # type: ignore[arg-type]
 
 
-def crafted_cases(payload: np.ndarray) -> Iterator[Case]:
+def crafted_cases(encoded: Encoded, spec: CompressionSpec) -> Iterator[Case]:
+    payload = encoded.payload
     n = payload.shape[0]
     yield "magic", call(put(payload, 0, "4s", b"XXXX")), "magic"
-    for version in (0, 2, 255):
+    for version in (0, 1, 3, 255):
         yield f"version {version}", call(put(payload, 4, "B", version)), "version"
     yield "flags", call(put(payload, 5, "B", 1)), "header"
-    yield "reserved", call(put(payload, 20, "<I", 9)), "header"
+    yield "block 0", call(put(payload, 6, "<H", 0)), "header"
+    for block in (3, 65535):
+        yield f"block {block}", call(put(payload, 6, "<H", block)), None
+    for dense_below in (9, 2**32 - 1):
+        yield f"dense_below {dense_below}", call(put(payload, 20, "<I", dense_below)), None
     yield "n_tensors", call(put(payload, 16, "<I", 2**31)), "schema"
     yield "hash", call(put(payload, 8, "B", payload[8] ^ 1)), "schema"
     renamed = [("BIG" if name == "big" else name, shape) for name, shape in SCHEMA]
@@ -158,7 +183,7 @@ def crafted_cases(payload: np.ndarray) -> Iterator[Case]:
     yield "bytes", call(payload.tobytes()), "dtype"
     yield "size limit", call(payload, max_payload_bytes=n - 1), "size-limit"
     yield "empty", call(payload[:0]), "truncated"
-    for t, lay in enumerate(layouts(payload)):
+    for t, lay in enumerate(layouts(encoded, spec)):
         yield from record_cases(payload, t, lay)
         yield from section_cases(payload, t, lay)
 
@@ -169,6 +194,9 @@ def record_cases(payload: np.ndarray, t: int, lay: Layout) -> Iterator[Case]:
         yield f"t{t} value code {code}", call(put(payload, r, "B", code)), "mode"
         yield f"t{t} position code {code}", call(put(payload, r + 1, "B", code)), "mode"
     yield f"t{t} reserved", call(put(payload, r + 3, "B", 1)), "header"
+    if t == 0:  # the dense section keeps every element as floats
+        yield "dense section as BITMAP", call(put(payload, r + 1, "B", POS_BITMAP)), "mode"
+        yield "dense section as int8", call(put(payload, r, "B", 2)), "mode"
     yield f"t{t} count 2**40", call(put(payload, r + 4, "<Q", 2**40)), "count"
     yield f"t{t} count numel+1", call(put(payload, r + 4, "<Q", lay.numel + 1)), "count"
     for delta in (-1, 1):
@@ -217,7 +245,7 @@ def section_cases(payload: np.ndarray, t: int, lay: Layout) -> Iterator[Case]:
             pad[lay.val - 1] |= np.uint8(1)
             yield f"t{t} bitmap padding", call(pad), "padding"
     bits = VALUE_BITS[lay.value_code]
-    if lay.count == 0:
+    if lay.values == 0:
         return
     v = lay.val
     if bits <= 8:
@@ -234,7 +262,7 @@ def section_cases(payload: np.ndarray, t: int, lay: Layout) -> Iterator[Case]:
             yield f"t{t} bad code", call(put(payload, codes, "B", invalid[bits])), "value-code"
         if bits == 8:
             yield f"t{t} huge scale", call(put(payload, v, "<f", 3.4e38)), "value-finite"
-        if (lay.count * bits) % 8:
+        if (lay.values * bits) % 8:
             pad = payload.copy()
             pad[v + lay.val_len - 1] |= np.uint8(1)
             yield f"t{t} code padding", call(pad), "padding"
@@ -294,9 +322,12 @@ def test_malformed_payloads_raise_payload_error_within_memory_bound() -> None:
     rng = np.random.default_rng(2024)
     malformed = refused = accepted_flips = 0
     for text in SPECS:
-        payload = encode(UPDATE, parse_spec(text), seed=1).payload
+        spec = parse_spec(text)
+        encoded = encode(UPDATE, spec, seed=1)
+        payload = encoded.payload
         assert not run_case(f"{text} valid", call(payload), "may-pass")
-        for label, fn, expected in [*crafted_cases(payload), *random_cases(payload, rng)]:
+        cases = [*crafted_cases(encoded, spec), *random_cases(payload, rng)]
+        for label, fn, expected in cases:
             raised = run_case(f"{text}: {label}", fn, expected)
             malformed += 1
             refused += raised
@@ -333,10 +364,11 @@ def test_hostile_claims_against_a_large_schema_allocate_nothing_big(
 ) -> None:
     # A 10M-element schema would make any claim-sized allocation show up as >= 10 MB.
     schema = [("w", (10_000_000,))]
+    empty_dense = RECORD.pack(1, 0, 0, 0, 0, 0, 0)
     record = RECORD.pack(value_code, pos_code, 0, 0, count, 256 if value_code else 0, pos_len)
-    size = HEADER_BYTES + len(record) + len(body)
-    header = struct.pack("<4sBBH8sIIQ", b"FDCQ", 1, 0, 0, schema_hash(schema), 1, 0, size)
-    payload = np.frombuffer(header + record + body, dtype=np.uint8)
+    size = HEADER_BYTES + len(empty_dense) + len(record) + len(body)
+    header = struct.pack("<4sBBH8sIIQ", b"FDCQ", 2, 0, 1, schema_hash(schema), 1, 0, size)
+    payload = np.frombuffer(header + empty_dense + record + body, dtype=np.uint8)
     tracemalloc.reset_peak()
     before = tracemalloc.get_traced_memory()[0]
 

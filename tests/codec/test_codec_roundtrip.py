@@ -39,14 +39,21 @@ def specs(draw: st.DrawFn) -> CompressionSpec:
         stochastic=bits <= 8 and draw(st.booleans()),
         chunk=draw(st.sampled_from([1, 3, 7, 64, 256])),
         dense_below=draw(st.sampled_from([0, 0, 5, 100])),
+        block=draw(st.sampled_from([1, 1, 2, 5, 16])) if select in ("topk", "gtopk") else 1,
     )
 
 
-def effective_spec(spec: CompressionSpec, numel: int) -> CompressionSpec:
-    """The value coding a tensor actually got: dense-below tensors go as float16 (or 32)."""
-    if numel < spec.dense_below:
-        return CompressionSpec(bits=32 if spec.bits == 32 else 16)
-    return spec
+def unit_scores(flat: np.ndarray, block: int) -> np.ndarray:
+    """float64 sum of squares of each run of `block` elements (the codec ranks runs by it)."""
+    padded = np.zeros(-(-flat.shape[0] // block) * block)
+    padded[: flat.shape[0]] = flat
+    return np.square(padded).reshape(-1, block).sum(axis=1)
+
+
+def assert_ranked(kept_scores: np.ndarray, dropped_scores: np.ndarray) -> None:
+    """Every kept unit scores at least as high as every dropped one (float32 ranking slack)."""
+    if kept_scores.shape[0] and dropped_scores.shape[0]:
+        assert kept_scores.min() >= dropped_scores.max() * (1 - 1e-5)
 
 
 def check_round_trip(update: dict[str, np.ndarray], spec: CompressionSpec, seed: int) -> None:
@@ -58,6 +65,10 @@ def check_round_trip(update: dict[str, np.ndarray], spec: CompressionSpec, seed:
     assert encoded.stats.dense_bytes == dense_float32_bytes(update)
     assert list(decoded) == list(update)
     prunable = [n for n, a in update.items() if a.size >= spec.dense_below]
+    block = spec.block
+    sent: dict[bool, list[tuple[np.ndarray, np.ndarray]]] = {True: [], False: []}
+    kept_units = dropped_units = np.zeros(0)
+    units_kept_total = units_total = 0
     for name, x in update.items():
         got = decoded[name]
         assert got.dtype == np.float32 and got.shape == x.shape
@@ -73,20 +84,41 @@ def check_round_trip(update: dict[str, np.ndarray], spec: CompressionSpec, seed:
         # zero everywhere that was not selected
         assert not out[~kept].any()
         assert encoded.stats.kept[name] == int(kept.sum())
-        if spec.select == "topk" and name in prunable:
-            assert kept.sum() == kept_count(flat.shape[0], spec.keep)
+        if name in prunable:
+            # whole runs of `block` elements are kept or dropped
+            padded = np.zeros(-(-flat.shape[0] // block) * block, dtype=bool)
+            padded[: flat.shape[0]] = kept
+            runs = padded.reshape(-1, block)
+            if flat.shape[0] % block:
+                runs[-1, flat.shape[0] % block :] = runs[-1, 0]
+            assert (runs.all(axis=1) | ~runs.any(axis=1)).all()
+            unit_kept = runs[:, 0]
+            scores = unit_scores(flat, block)
+            units_kept_total += int(unit_kept.sum())
+            units_total += unit_kept.shape[0]
+            if spec.select == "topk":
+                assert unit_kept.sum() == kept_count(unit_kept.shape[0], spec.keep)
+                assert_ranked(scores[unit_kept], scores[~unit_kept])
+            kept_units = np.concatenate([kept_units, scores[unit_kept]])
+            dropped_units = np.concatenate([dropped_units, scores[~unit_kept]])
         if spec.select == "thresh" and name in prunable:
             assert np.array_equal(kept, np.abs(flat) >= np.float32(spec.eps))
-        if kept.any() and not kept.all() and spec.select in ("topk", "gtopk"):
-            assert np.abs(flat[kept]).min() >= np.abs(flat[~kept]).max()
-        # within the documented per-element bound of the value coding
-        v = flat[kept]
-        bound = error_bound(effective_spec(spec, flat.shape[0]), chunk_absmax(v, spec.chunk), v)
-        err = np.abs(out[kept].astype(np.float64) - v.astype(np.float64))
-        assert np.all(err <= bound), (name, float((err - bound).max()))
+        sent[name in prunable].append((flat[kept], out[kept]))
     if spec.select == "gtopk" and prunable:
-        total = sum(update[n].size for n in prunable)
-        assert sum(encoded.stats.kept[n] for n in prunable) == kept_count(total, spec.keep)
+        assert units_kept_total == kept_count(units_total, spec.keep)
+        assert_ranked(kept_units, dropped_units)
+    # Within the documented per-element bound of the value coding. Each section's kept values
+    # are coded as one stream (quantization chunks run across tensor ends), so the bound is
+    # computed over the stream.
+    for is_prunable, pairs in sent.items():
+        if not pairs:
+            continue
+        v = np.concatenate([p[0] for p in pairs])
+        got_v = np.concatenate([p[1] for p in pairs])
+        coding = spec if is_prunable else CompressionSpec(bits=32 if spec.bits == 32 else 16)
+        bound = error_bound(coding, chunk_absmax(v, spec.chunk), v)
+        err = np.abs(got_v.astype(np.float64) - v.astype(np.float64))
+        assert np.all(err <= bound), (is_prunable, float((err - bound).max()))
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])

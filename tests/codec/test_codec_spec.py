@@ -35,6 +35,7 @@ def test_defaults_and_none() -> None:
             ),
         ),
         ("gtopk:0.1+q8", CompressionSpec("gtopk", keep=0.1, bits=8)),
+        ("gtopk:0.01+block:16+q4", CompressionSpec("gtopk", keep=0.01, bits=4, block=16)),
         ("thresh:1e-3+fp16", CompressionSpec("thresh", eps=1e-3, bits=16)),
         ("q1+sr", CompressionSpec(bits=1, stochastic=True)),
         ("none+q2", CompressionSpec(bits=2)),
@@ -49,7 +50,7 @@ def test_parse_examples(text: str, expected: CompressionSpec) -> None:
 
 
 specs = st.builds(
-    lambda select, keep, eps, bits, sr, chunk, ef, dense: CompressionSpec(
+    lambda select, keep, eps, bits, sr, chunk, ef, dense, block: CompressionSpec(
         select=select,
         keep=keep if select in ("topk", "gtopk") else 1.0,
         eps=eps if select == "thresh" else 0.0,
@@ -58,6 +59,7 @@ specs = st.builds(
         chunk=chunk,
         error_feedback=ef,
         dense_below=dense,
+        block=block if select in ("topk", "gtopk") else 1,
     ),
     st.sampled_from(["none", "topk", "gtopk", "thresh"]),
     st.floats(min_value=1e-9, max_value=1.0, exclude_min=False).filter(lambda v: v > 0),
@@ -66,7 +68,8 @@ specs = st.builds(
     st.booleans(),
     st.integers(min_value=1, max_value=1 << 20),
     st.booleans(),
-    st.integers(min_value=0, max_value=1 << 40),
+    st.integers(min_value=0, max_value=(1 << 32) - 1),
+    st.integers(min_value=1, max_value=65535),
 )
 
 
@@ -91,6 +94,8 @@ def test_to_string_round_trips(spec: CompressionSpec) -> None:
         ("chunk:0", "chunk=0"),
         ("chunk:1.5", "'chunk:1.5'"),
         ("dense:-3", "'dense:-3'"),
+        ("none+block:8", "block=8 is only used by"),
+        ("topk:0.1+block:x", "'block:x'"),
         ("q4+", "''"),
         ("", "empty"),
         ("fp16+sr", "stochastic"),
@@ -120,6 +125,10 @@ def test_parse_errors_name_the_token(text: str, match: str) -> None:
         ({"bits": 16, "stochastic": True}, r"stochastic=True is not allowed with bits=16"),
         ({"chunk": 0}, r"chunk=0.*>= 1"),
         ({"dense_below": -1}, r"dense_below=-1.*>= 0"),
+        ({"dense_below": 2**32}, r"dense_below=4294967296.*\[0, 4294967295\]"),
+        ({"select": "topk", "keep": 0.1, "block": 0}, r"block=0.*\[1, 65535\]"),
+        ({"select": "topk", "keep": 0.1, "block": 65536}, r"block=65536"),
+        ({"select": "thresh", "eps": 0.1, "block": 4}, r"block=4 is only used by"),
         ({"error_feedback": 1}, r"error_feedback=1"),
     ],
 )
