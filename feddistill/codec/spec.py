@@ -29,8 +29,7 @@ QUANTIZED_BITS: tuple[int, ...] = (8, 4, 2, 1)
 
 _BITS_TOKENS: dict[str, int] = {"fp32": 32, "fp16": 16, "q8": 8, "q4": 4, "q2": 2, "q1": 1}
 _TOKEN_HELP = (
-    "none, topk:F, gtopk:F, thresh:E, fp32, fp16, q8, q4, q2, q1, sr, chunk:N, block:N, "
-    "dense:N, ef"
+    "none, topk:F, gtopk:F, thresh:E, fp32, fp16, q8, q4, q2, q1, sr, chunk:N, block:N, dense:N, ef"
 )
 MAX_BLOCK = 65535  # a u16 in the payload header
 MAX_DENSE_BELOW = 2**32 - 1  # a u32 in the payload header

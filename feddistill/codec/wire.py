@@ -220,8 +220,13 @@ def encode(update: Mapping[str, np.ndarray], spec: CompressionSpec, *, seed: int
     pos_code, rice_k, pos_section = encode_positions(units, n_units)
     chunk = spec.chunk if bits <= 8 else 0
     sparse_record = _RECORD.pack(
-        VALUE_CODES[bits], pos_code, rice_k, 0, n_units if units is None else units.shape[0],
-        chunk, pos_section.shape[0],
+        VALUE_CODES[bits],
+        pos_code,
+        rice_k,
+        0,
+        n_units if units is None else units.shape[0],
+        chunk,
+        pos_section.shape[0],
     )
 
     pieces = [
