@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from feddistill import keys
 from feddistill.client.app import train
-from feddistill.codec import encode, parse_spec
+from feddistill.codec import PayloadError, encode, parse_spec
 from feddistill.task import initial_models, source_splits
-from feddistill.wire import payload_record
+from feddistill.wire import (
+    MAX_RUN_CONFIG_BYTES,
+    pack_run_config,
+    payload_record,
+    unpack_run_config,
+)
 from tests.conftest import tiny_config
 
 
@@ -26,7 +32,7 @@ def _task_identity() -> None:
 def _message(cfg, labels, digest: str, payload: np.ndarray) -> Message:
     config = ConfigRecord(
         {
-            keys.RUN_CONFIG: cfg.to_json(),
+            keys.RUN_CONFIG: pack_run_config(cfg.to_json()),
             keys.LABELS: json.dumps(list(labels.names)),
             keys.INIT_DIGEST: digest,
             keys.SERVER_ROUND: 1,
@@ -98,3 +104,30 @@ def test_tampered_or_unusable_chained_downlink_is_refused(tmp_path: Path) -> Non
 
     reply = train(_message(cfg, labels, models.digest, stale), _context(tmp_path))
     assert reply.has_error() and "not in this node's cache" in reply.error.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ('{"rounds": 1}', "must be zlib-compressed bytes, got str"),
+        (b"not zlib", "not zlib data"),
+        (pack_run_config('{"rounds": 1}')[:-4], "truncated"),
+        (pack_run_config('{"rounds": 1}') + b"x", "bytes after the compressed stream"),
+        (zlib.compress(b" " * (MAX_RUN_CONFIG_BYTES + 1)), "inflates past"),
+        (zlib.compress(b"\xff\xfe"), "not UTF-8"),
+    ],
+)
+def test_malformed_run_config_is_a_named_payload_error(value: object, match: str) -> None:
+    with pytest.raises(PayloadError, match=match) as info:
+        unpack_run_config(value)
+
+    assert info.value.check == "config"
+
+
+def test_run_config_round_trips_and_shrinks(tmp_path: Path) -> None:
+    text = tiny_config(tmp_path).to_json()
+
+    packed = pack_run_config(text)
+
+    assert unpack_run_config(packed) == text
+    assert len(packed) < len(text) / 2

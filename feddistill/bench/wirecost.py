@@ -35,7 +35,7 @@ class DenseCost:
 
 
 def dense_exchange_bytes(
-    arrays: dict[str, np.ndarray], config: dict[str, str] | None = None
+    arrays: dict[str, np.ndarray], config: dict[str, str | bytes] | None = None
 ) -> DenseCost:
     """Sizes of a dense float32 round trip carrying ``arrays`` (name -> array).
 
@@ -57,7 +57,7 @@ def dense_exchange_bytes(
 
 
 def _round_trip(
-    record: ArrayRecord, config: dict[str, str] | None, arrays: dict[str, np.ndarray]
+    record: ArrayRecord, config: dict[str, str | bytes] | None, arrays: dict[str, np.ndarray]
 ) -> tuple[Message, Message]:
     down = Message(
         RecordDict({keys.ARRAYS: record, keys.CONFIG: ConfigRecord(dict(config or {}))}),

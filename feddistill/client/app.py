@@ -19,7 +19,7 @@ from feddistill.codec import PayloadError
 from feddistill.config import ConfigError, config_from_json
 from feddistill.data import DataError
 from feddistill.models.build import Labels, ModelError
-from feddistill.wire import payload_record
+from feddistill.wire import payload_record, unpack_run_config
 
 _MOD_FAILED_PRECONDITION = 6  # flwr.common.constant.ErrorCode.MOD_FAILED_PRECONDITION
 # OSError: a missing or unreadable file or cache folder on the device (FileNotFoundError,
@@ -39,7 +39,7 @@ def unpack(msg: Message) -> RoundInput:
     if array.dtype != "uint8" or array.stype == "raw":
         raise PayloadError("dtype", f"downlink payload must be uint8, got {array.dtype}")
     return RoundInput(
-        cfg=config_from_json(str(config[keys.RUN_CONFIG])),
+        cfg=config_from_json(unpack_run_config(config[keys.RUN_CONFIG])),
         labels=Labels(tuple(json.loads(str(config[keys.LABELS])))),
         init_digest=str(config.get(keys.INIT_DIGEST, "")),
         payload=array.numpy(),

@@ -51,6 +51,7 @@ from feddistill.server.results import RunRecord, summarize_local_only
 from feddistill.server.tail import TailAverage, window_start
 from feddistill.strategies import CompressedStrategy, build_strategy
 from feddistill.task import InitialModels, initial_models, partitions, server_data
+from feddistill.wire import pack_run_config
 
 log = logging.getLogger("feddistill")
 
@@ -227,7 +228,7 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
 
     run_cfg = ConfigRecord(
         {
-            keys.RUN_CONFIG: cfg.to_json(),
+            keys.RUN_CONFIG: pack_run_config(cfg.to_json()),
             keys.LABELS: json.dumps(list(labels.names)),
             keys.INIT_DIGEST: models.digest,
         }
