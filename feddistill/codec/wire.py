@@ -201,42 +201,12 @@ def encode(update: Mapping[str, np.ndarray], spec: CompressionSpec, *, seed: int
     flats = {name: _flat_float32(name, update[name]) for name in names}
     dense = [name for name in names if flats[name].shape[0] < spec.dense_below]
     sparse = [name for name in names if flats[name].shape[0] >= spec.dense_below]
+    # The concatenations are copies, so nothing below aliases the caller's arrays.
+    dense_part = _encode_dense(_concat([flats[name] for name in dense]), spec, rng)
+    sparse_part = _encode_sparse([flats[name] for name in sparse], spec, rng)
 
-    dense_flat = _concat([flats[name] for name in dense])
-    dense_bits = 32 if spec.bits == 32 else 16
-    dense_bits = _float_bits_for(dense_flat, dense_bits)
-    dense_values, dense_decoded = _code_values(dense_flat, dense_bits, spec, rng)
-    dense_record = _RECORD.pack(VALUE_CODES[dense_bits], POS_ALL, 0, 0, dense_flat.shape[0], 0, 0)
-
-    sparse_flats = [flats[name] for name in sparse]
-    sparse_flat = _concat(sparse_flats)
-    numels = [f.shape[0] for f in sparse_flats]
-    units = _select_units(sparse_flats, sparse_flat, spec, rng)
-    n_units = sum(numels) if spec.block == 1 else sum(-(-n // spec.block) for n in numels)
-    selector = _element_selector(units, n_units, numels, spec.block)
-    values = sparse_flat if selector is None else sparse_flat[selector]
-    bits = _float_bits_for(values, spec.bits)
-    sparse_values, sparse_decoded = _code_values(values, bits, spec, rng)
-    pos_code, rice_k, pos_section = encode_positions(units, n_units)
-    chunk = spec.chunk if bits <= 8 else 0
-    sparse_record = _RECORD.pack(
-        VALUE_CODES[bits],
-        pos_code,
-        rice_k,
-        0,
-        n_units if units is None else units.shape[0],
-        chunk,
-        pos_section.shape[0],
-    )
-
-    pieces = [
-        np.frombuffer(dense_record, dtype=np.uint8),
-        dense_values,
-        np.frombuffer(sparse_record, dtype=np.uint8),
-        pos_section,
-        sparse_values,
-    ]
-    total = HEADER_BYTES + sum(p.shape[0] for p in pieces)
+    body = [*dense_part.pieces, *sparse_part.pieces]
+    total = HEADER_BYTES + sum(p.shape[0] for p in body)
     header = _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
@@ -247,20 +217,12 @@ def encode(update: Mapping[str, np.ndarray], spec: CompressionSpec, *, seed: int
         spec.dense_below,
         total,
     )
-    payload = np.concatenate([np.frombuffer(header, dtype=np.uint8), *pieces])
-
-    if selector is None:
-        sparse_out = sparse_decoded if sparse_decoded is not values else values.copy()
-    else:
-        sparse_out = np.zeros(sparse_flat.shape[0], dtype=np.float32)
-        sparse_out[selector] = sparse_decoded
-    if dense_decoded is dense_flat:
-        dense_decoded = dense_flat.copy()
-    decoded = {
-        **_split(dense, dense_decoded, shapes),
-        **_split(sparse, sparse_out, shapes),
-    }
-    positions = dict.fromkeys(dense) | _split_positions(sparse, numels, selector)
+    payload = np.concatenate([np.frombuffer(header, dtype=np.uint8), *body])
+    decoded = _split(dense, dense_part.decoded, shapes) | _split(
+        sparse, sparse_part.decoded, shapes
+    )
+    numels = [flats[name].shape[0] for name in sparse]
+    positions = dict.fromkeys(dense) | _split_positions(sparse, numels, sparse_part.selector)
     kept = {
         name: flats[name].shape[0] if positions[name] is None else positions[name].shape[0]
         for name in names
@@ -272,8 +234,8 @@ def encode(update: Mapping[str, np.ndarray], spec: CompressionSpec, *, seed: int
         numel_total=numel_total,
         payload_bytes=int(payload.shape[0]),
         dense_bytes=4 * numel_total,
-        position_bytes=int(pos_section.shape[0]),
-        value_bytes=int(dense_values.shape[0] + sparse_values.shape[0]),
+        position_bytes=sparse_part.position_bytes,
+        value_bytes=dense_part.value_bytes + sparse_part.value_bytes,
     )
     return Encoded(
         payload=payload,
@@ -281,6 +243,55 @@ def encode(update: Mapping[str, np.ndarray], spec: CompressionSpec, *, seed: int
         stats=stats,
         positions={name: positions[name] for name in names},
     )
+
+
+@dataclass(frozen=True)
+class _Section:
+    """One encoded section: its bytes in wire order and what the decoder will rebuild."""
+
+    pieces: list[np.ndarray]  # record, positions, values
+    decoded: np.ndarray  # float32 concatenation of the section's tensors
+    selector: np.ndarray | None  # kept element indices (block 1) or mask; None = all
+    position_bytes: int
+    value_bytes: int
+
+
+def _record(bits: int, pos_code: int, rice_k: int, count: int, chunk: int, pos_len: int) -> bytes:
+    return _RECORD.pack(VALUE_CODES[bits], pos_code, rice_k, 0, count, chunk, pos_len)
+
+
+def _encode_dense(flat: np.ndarray, spec: CompressionSpec, rng: np.random.Generator) -> _Section:
+    """Every element as float16 (float32 for a lossless spec or values beyond float16)."""
+    bits = _float_bits_for(flat, 32 if spec.bits == 32 else 16)
+    values, decoded = _code_values(flat, bits, spec, rng)
+    record = _record(bits, POS_ALL, 0, flat.shape[0], 0, 0)
+    return _Section(
+        [np.frombuffer(record, dtype=np.uint8), values], decoded, None, 0, values.shape[0]
+    )
+
+
+def _encode_sparse(
+    flats: Sequence[np.ndarray], spec: CompressionSpec, rng: np.random.Generator
+) -> _Section:
+    """Select units over the concatenation of `flats`, code their positions and values."""
+    flat = _concat(flats)
+    numels = [f.shape[0] for f in flats]
+    units = _select_units(flats, flat, spec, rng)
+    n_units = sum(numels) if spec.block == 1 else sum(-(-n // spec.block) for n in numels)
+    selector = _element_selector(units, n_units, numels, spec.block)
+    kept = flat if selector is None else flat[selector]
+    bits = _float_bits_for(kept, spec.bits)
+    values, kept_decoded = _code_values(kept, bits, spec, rng)
+    pos_code, rice_k, positions = encode_positions(units, n_units)
+    count = n_units if units is None else units.shape[0]
+    record = _record(bits, pos_code, rice_k, count, spec.chunk if bits <= 8 else 0, len(positions))
+    if selector is None:
+        decoded = kept_decoded
+    else:
+        decoded = np.zeros(flat.shape[0], dtype=np.float32)
+        decoded[selector] = kept_decoded
+    pieces = [np.frombuffer(record, dtype=np.uint8), positions, values]
+    return _Section(pieces, decoded, selector, positions.shape[0], values.shape[0])
 
 
 def _concat(flats: Sequence[np.ndarray]) -> np.ndarray:
