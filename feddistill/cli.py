@@ -228,6 +228,12 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     bc = sub.add_parser("bench-codec", help="codec benchmark: size and speed on a big update")
     bc.add_argument("--numel", type=int, default=10_000_000, help="elements (default 10M)")
     bc.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")
+    bc.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="select runs of N elements (codec token block:N); the targets are for 1 (default)",
+    )
     bc.add_argument("--json", action="store_true", help="print one JSON list")
     bc.set_defaults(func=cmd_bench_codec)
 
@@ -256,7 +262,7 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from feddistill.codec.bench import format_codec_table, run_codec_bench
 
-    rows = run_codec_bench(numel=args.numel, repeats=args.repeats)
+    rows = run_codec_bench(numel=args.numel, repeats=args.repeats, block=args.block)
     print(json.dumps(rows) if args.json else format_codec_table(rows))
     return 0
 

@@ -43,10 +43,13 @@ def run_codec_bench(
     bits: Sequence[int] = (8, 4, 2, 1),
     repeats: int = 3,
     seed: int = 0,
+    block: int = 1,
 ) -> list[dict[str, float]]:
     """Encode/decode one `numel`-element tensor per (keep, bits) setting with per-tensor top-k.
 
-    Returns one dict per setting with keep, bits, kept, payload_bytes, ratio (dense float32
+    `block` > 1 selects runs of that many elements (`CompressionSpec.block`).
+
+    Returns one dict per setting with keep, bits, block, kept, payload_bytes, ratio (dense float32
     bytes / payload bytes), encode_s, decode_s (best of `repeats` each), copy_s (fastest
     `arr.copy()` of the tensor seen in the run, re-timed next to every setting), time_ratio
     ((encode_s + decode_s) / copy_s) and max_abs_error (largest |decoded - x| over kept
@@ -59,7 +62,7 @@ def run_codec_bench(
     copy_s = float("inf")
     for keep in keeps:
         for b in bits:
-            spec = CompressionSpec(select="topk", keep=keep, bits=b)
+            spec = CompressionSpec(select="topk", keep=keep, bits=b, block=block)
             # Re-time the reference copy next to every setting; the rows then all use the
             # fastest copy seen, which is the conservative baseline on a busy machine.
             copy_s = min(copy_s, _best_time(x.copy, repeats))
@@ -74,6 +77,7 @@ def run_codec_bench(
                 {
                     "keep": float(keep),
                     "bits": int(b),
+                    "block": int(block),
                     "kept": encoded.stats.kept_total,
                     "payload_bytes": encoded.stats.payload_bytes,
                     "ratio": encoded.stats.ratio,
@@ -95,6 +99,9 @@ def format_codec_table(rows: Sequence[dict[str, float]]) -> str:
         f"{'enc_ms':>8} {'dec_ms':>8} {'copy_ms':>8} {'t/copy':>7} {'max_abs_err':>11}"
     )
     lines = [header, "-" * len(header)]
+    blocks = sorted({int(r.get("block", 1)) for r in rows})
+    if blocks != [1]:
+        lines.insert(0, f"selection: top-k of runs of {', '.join(map(str, blocks))} elements")
     for r in rows:
         lines.append(
             f"{r['keep']:>7g} {int(r['bits']):>4d} {int(r['kept']):>9d} "
@@ -102,7 +109,11 @@ def format_codec_table(rows: Sequence[dict[str, float]]) -> str:
             f"{r['encode_s'] * 1e3:>8.2f} {r['decode_s'] * 1e3:>8.2f} {r['copy_s'] * 1e3:>8.2f} "
             f"{r['time_ratio']:>6.1f}x {r['max_abs_error']:>11.3g}"
         )
-    target = [r for r in rows if r["keep"] == TARGET_KEEP and r["bits"] == TARGET_BITS]
+    target = [
+        r
+        for r in rows
+        if r["keep"] == TARGET_KEEP and r["bits"] == TARGET_BITS and r.get("block", 1) == 1
+    ]
     label = f"keep={TARGET_KEEP:g} bits={TARGET_BITS}"
     if not target:
         lines.append(f"targets: not measured (no row with {label})")

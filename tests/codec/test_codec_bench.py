@@ -18,3 +18,13 @@ def test_bench_rows_and_table() -> None:
     table = format_codec_table(rows)
     assert "size target" in table and "time target" in table
     assert "not measured" in format_codec_table(rows[1:2])
+
+
+def test_block_rows_are_labelled_and_not_taken_for_the_target() -> None:
+    rows = run_codec_bench(numel=80_000, keeps=(0.01,), bits=(4,), repeats=1, block=8)
+
+    (row,) = rows
+    assert row["block"] == 8 and row["kept"] == 800
+    table = format_codec_table(rows)
+    assert table.startswith("selection: top-k of runs of 8 elements")
+    assert "not measured" in table  # the targets are stated for per-element selection
