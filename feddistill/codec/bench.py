@@ -116,7 +116,7 @@ def format_codec_table(rows: Sequence[dict[str, float]]) -> str:
     ]
     label = f"keep={TARGET_KEEP:g} bits={TARGET_BITS}"
     if not target:
-        lines.append(f"targets: not measured (no row with {label})")
+        lines.append(f"targets: not measured (no per-element row with {label})")
         return "\n".join(lines)
     r = target[0]
     size_ok = r["ratio"] >= TARGET_SIZE_RATIO
