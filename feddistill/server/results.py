@@ -117,7 +117,6 @@ class RunRecord:
             seconds,
             len(traffic.failures),
         )
-        self.save()
         return entry
 
     def finish(self, **final: Any) -> None:

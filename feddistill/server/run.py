@@ -223,6 +223,9 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
                 tail=None if tail is None else tail.state(),
             ),
         )
+        # Only now that the state holds this round may results.json claim it: a run killed in
+        # between then resumes from this round, not from the one before.
+        record.save()
         clock["t"] = now
         return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
 
