@@ -277,7 +277,7 @@ def _encode_sparse(
     flat = _concat(flats)
     numels = [f.shape[0] for f in flats]
     units = _select_units(flats, flat, spec, rng)
-    n_units = sum(numels) if spec.block == 1 else sum(-(-n // spec.block) for n in numels)
+    n_units = unit_count(numels, spec.block)
     selector = _element_selector(units, n_units, numels, spec.block)
     kept = flat if selector is None else flat[selector]
     bits = _float_bits_for(kept, spec.bits)
@@ -317,6 +317,11 @@ def _unit_scores(flat: np.ndarray, block: int) -> np.ndarray:
         tail = flat[full * block :].astype(np.float64)
         scores = np.append(scores, np.dot(tail, tail))
     return scores
+
+
+def unit_count(numels: Sequence[int], block: int) -> int:
+    """Units of tensors of `numels` elements cut into runs of `block` (module docstring)."""
+    return sum(-(-n // block) for n in numels)
 
 
 def unit_lengths(numels: Sequence[int], block: int) -> np.ndarray:
@@ -529,7 +534,7 @@ def _decode_section(
     if whole and (pos_code != POS_ALL or bits <= 8):
         raise PayloadError("mode", f"{where}: must keep every element as float32 or float16")
     n = sum(numels)
-    n_units = n if block == 1 else sum(-(-m // block) for m in numels)
+    n_units = unit_count(numels, block)
     if count > n_units:
         raise PayloadError("count", f"{where}: {count} kept units > {n_units} units")
     if (bits <= 8) != (chunk >= 1):
