@@ -126,7 +126,7 @@ class CompressionSpec:
         ):
             raise ValueError(
                 f"CompressionSpec.dense_below={self.dense_below!r} is not allowed; "
-                f"use an integer in [0, {MAX_DENSE_BELOW}] (>= 0)"
+                f"use an integer in [0, {MAX_DENSE_BELOW}]"
             )
         if (
             isinstance(self.block, bool)

@@ -124,7 +124,7 @@ def test_parse_errors_name_the_token(text: str, match: str) -> None:
         ({"bits": True}, r"bits=True"),
         ({"bits": 16, "stochastic": True}, r"stochastic=True is not allowed with bits=16"),
         ({"chunk": 0}, r"chunk=0.*>= 1"),
-        ({"dense_below": -1}, r"dense_below=-1.*>= 0"),
+        ({"dense_below": -1}, r"dense_below=-1.*\[0, 4294967295\]"),
         ({"dense_below": 2**32}, r"dense_below=4294967296.*\[0, 4294967295\]"),
         ({"select": "topk", "keep": 0.1, "block": 0}, r"block=0.*\[1, 65535\]"),
         ({"select": "topk", "keep": 0.1, "block": 65536}, r"block=65536"),
