@@ -110,33 +110,14 @@ class CompressionSpec:
                 f"CompressionSpec.stochastic=True is not allowed with bits={self.bits}; "
                 f"use bits in {QUANTIZED_BITS} or stochastic=False"
             )
-        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
-            raise ValueError(
-                f"CompressionSpec.chunk={self.chunk!r} is not allowed; use an integer >= 1"
-            )
+        _check_int("chunk", self.chunk, 1)
         if not isinstance(self.error_feedback, bool):
             raise ValueError(
                 f"CompressionSpec.error_feedback={self.error_feedback!r} is not allowed; "
                 "use True/False"
             )
-        if (
-            isinstance(self.dense_below, bool)
-            or not isinstance(self.dense_below, int)
-            or not 0 <= self.dense_below <= MAX_DENSE_BELOW
-        ):
-            raise ValueError(
-                f"CompressionSpec.dense_below={self.dense_below!r} is not allowed; "
-                f"use an integer in [0, {MAX_DENSE_BELOW}]"
-            )
-        if (
-            isinstance(self.block, bool)
-            or not isinstance(self.block, int)
-            or not 1 <= self.block <= MAX_BLOCK
-        ):
-            raise ValueError(
-                f"CompressionSpec.block={self.block!r} is not allowed; "
-                f"use an integer in [1, {MAX_BLOCK}]"
-            )
+        _check_int("dense_below", self.dense_below, 0, MAX_DENSE_BELOW)
+        _check_int("block", self.block, 1, MAX_BLOCK)
         if self.block > 1 and self.select not in ("topk", "gtopk"):
             raise ValueError(
                 f"CompressionSpec.block={self.block} is only used by select 'topk'/'gtopk' "
@@ -166,6 +147,20 @@ class CompressionSpec:
         if self.error_feedback:
             tokens.append("ef")
         return "+".join(tokens) if tokens else "none"
+
+
+def _check_int(field: str, value: object, low: int, high: int | None = None) -> None:
+    """Refuse a non-integer (bools included) or one outside [low, high]."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(
+            f"CompressionSpec.{field}={value!r} is not allowed; use an integer {allowed}"
+        )
 
 
 def _as_float(field: str, value: object) -> float:
