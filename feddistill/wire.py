@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import zlib
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
@@ -28,6 +31,15 @@ def message_bytes(msg: Message) -> int:
     transport framing (gRPC/HTTP), which is the same for any payload.
     """
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg.content).values())
+
+
+def server_config(cfg_json: str, label_names: Sequence[str], init_digest: str) -> dict[str, Any]:
+    """The ConfigRecord entries every server message carries (the bench sizes the same ones)."""
+    return {
+        keys.RUN_CONFIG: pack_run_config(cfg_json),
+        keys.LABELS: json.dumps(list(label_names)),
+        keys.INIT_DIGEST: init_digest,
+    }
 
 
 def pack_run_config(cfg_json: str) -> bytes:

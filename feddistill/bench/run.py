@@ -334,14 +334,10 @@ class Runner:
 
     # -- bytes only ----------------------------------------------------------------------------
     def teacher_fp32(self) -> dict[str, Any]:
-        from feddistill import keys
-        from feddistill.wire import pack_run_config
+        from feddistill.wire import server_config
 
         arrays = trainable_arrays(self.models.teacher)
-        config = {
-            keys.RUN_CONFIG: pack_run_config(self.cfg.to_json()),
-            keys.LABELS: json.dumps(self.data["labels"]),
-        }
+        config = server_config(self.cfg.to_json(), self.data["labels"], self.models.digest)
         cost = dense_exchange_bytes(arrays, config)
         return _entry(
             TEACHER_FP32,

@@ -9,8 +9,9 @@ strategy wrapper records for runs that do happen.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -35,7 +36,7 @@ class DenseCost:
 
 
 def dense_exchange_bytes(
-    arrays: dict[str, np.ndarray], config: dict[str, str | bytes] | None = None
+    arrays: dict[str, np.ndarray], config: Mapping[str, Any] | None = None
 ) -> DenseCost:
     """Sizes of a dense float32 round trip carrying ``arrays`` (name -> array).
 
@@ -57,7 +58,7 @@ def dense_exchange_bytes(
 
 
 def _round_trip(
-    record: ArrayRecord, config: dict[str, str | bytes] | None, arrays: dict[str, np.ndarray]
+    record: ArrayRecord, config: Mapping[str, Any] | None, arrays: dict[str, np.ndarray]
 ) -> tuple[Message, Message]:
     down = Message(
         RecordDict({keys.ARRAYS: record, keys.CONFIG: ConfigRecord(dict(config or {}))}),

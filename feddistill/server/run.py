@@ -9,7 +9,6 @@ from there.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from flwr.serverapp import Grid
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
-from feddistill import __version__, keys
+from feddistill import __version__
 from feddistill.client.state import ClientState, folder_bytes
 from feddistill.client.work import distill_locally, encode_train, node_data, teacher_for_round
 from feddistill.codec import dense_float32_bytes
@@ -51,7 +50,7 @@ from feddistill.server.results import RunRecord, summarize_local_only
 from feddistill.server.tail import TailAverage, window_start
 from feddistill.strategies import CompressedStrategy, build_strategy
 from feddistill.task import InitialModels, initial_models, partitions, server_data
-from feddistill.wire import pack_run_config
+from feddistill.wire import server_config
 
 log = logging.getLogger("feddistill")
 
@@ -229,13 +228,7 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
         clock["t"] = now
         return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
 
-    run_cfg = ConfigRecord(
-        {
-            keys.RUN_CONFIG: pack_run_config(cfg.to_json()),
-            keys.LABELS: json.dumps(list(labels.names)),
-            keys.INIT_DIGEST: models.digest,
-        }
-    )
+    run_cfg = ConfigRecord(server_config(cfg.to_json(), labels.names, models.digest))
     initial = ArrayRecord({n: Array(global_arrays[n]) for n in models.names})
     with private_sampling():
         result = strategy.start(
