@@ -75,9 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         + ",".join(ALL_SCENARIOS)
         + " (default: all but topk0.1-q4-ef)",
     )
-    p.add_argument("--rounds", type=int, help="rounds of the dense scenario (default 10)")
     p.add_argument(
-        "--compressed-rounds", type=int, help="rounds of compressed scenarios (default 20)"
+        "--rounds", type=int, help=f"rounds of the dense scenario (default {d['rounds']})"
+    )
+    p.add_argument(
+        "--compressed-rounds",
+        type=int,
+        help=f"rounds of compressed scenarios (default {d['compressed_rounds']})",
     )
     p.add_argument("--teacher-epochs", type=int, help="teacher fine-tuning epochs (1)")
     p.add_argument("--teacher-lr", type=float, help="teacher fine-tuning lr (1e-4)")

@@ -113,7 +113,7 @@ class BenchSetting:
     partitioning: str = "dirichlet"
     alpha: float = 0.5
     rounds: int = 10
-    compressed_rounds: int = 20
+    compressed_rounds: int = 30
     scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
     teacher_epochs: int = 1
     teacher_lr: float = 1e-4
