@@ -66,6 +66,22 @@ def test_setting_rejects_unknown_scenario(tmp_path: Path) -> None:
         BenchSetting(out=tmp_path, scenarios=("feddistill", "fedsgd"))
 
 
+def test_rounds_per_scenario_kind(tmp_path: Path) -> None:
+    setting = BenchSetting(out=tmp_path, rounds=10, compressed_rounds=30, variant_rounds=20)
+    got = {
+        name: setting.overrides_for(name)["rounds"]
+        for name in ("fedavg-student-fp32", "feddistill", "topk1-q4-noef", "down-topk1-q4-ef")
+    }
+    assert got == {
+        "fedavg-student-fp32": 10,
+        "feddistill": 30,
+        "topk1-q4-noef": 20,
+        "down-topk1-q4-ef": 20,
+    }
+    with pytest.raises(ValueError, match="--variant-rounds"):
+        BenchSetting(out=tmp_path, variant_rounds=0)
+
+
 def test_quick_flag_overrides_preset_and_explicit_options_win(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)

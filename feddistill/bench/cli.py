@@ -81,7 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compressed-rounds",
         type=int,
-        help=f"rounds of compressed scenarios (default {d['compressed_rounds']})",
+        help=f"rounds of the feddistill scenario (default {d['compressed_rounds']})",
+    )
+    p.add_argument(
+        "--variant-rounds",
+        type=int,
+        help=f"rounds of the other compressed scenarios (default {d['variant_rounds']})",
     )
     p.add_argument("--teacher-epochs", type=int, help="teacher fine-tuning epochs (1)")
     p.add_argument("--teacher-lr", type=float, help="teacher fine-tuning lr (1e-4)")

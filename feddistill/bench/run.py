@@ -441,7 +441,11 @@ def describe(setting: BenchSetting, data: dict[str, Any], cfg: Config) -> dict[s
                 else ""
             )
         ),
-        "rounds": {"dense": setting.rounds, "compressed": setting.compressed_rounds},
+        "rounds": {
+            "dense": setting.rounds,
+            "feddistill": setting.compressed_rounds,
+            "other compressed": setting.variant_rounds,
+        },
         "scenarios": setting.ordered_scenarios(),
         "config": cfg.to_flat(),
         "versions": {
