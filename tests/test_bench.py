@@ -13,7 +13,7 @@ import pytest
 from feddistill.bench import BenchSetting, dense_exchange_bytes, run_bench
 from feddistill.bench.cli import add_arguments, setting_from_args
 from feddistill.bench.report import format_table
-from feddistill.bench.spec import ALL_SCENARIOS, BERT_FFN, DEFAULT_SCENARIOS, QUICK
+from feddistill.bench.spec import ALL_SCENARIOS, BERT_FFN, DEFAULT_SCENARIOS, FEDERATED, QUICK
 from feddistill.bench.wirecost import trainable_arrays
 from feddistill.data import make_corpus
 
@@ -68,15 +68,13 @@ def test_setting_rejects_unknown_scenario(tmp_path: Path) -> None:
 
 def test_rounds_per_scenario_kind(tmp_path: Path) -> None:
     setting = BenchSetting(out=tmp_path, rounds=10, compressed_rounds=30, variant_rounds=20)
-    got = {
-        name: setting.overrides_for(name)["rounds"]
-        for name in ("fedavg-student-fp32", "feddistill", "topk1-q4-noef", "down-topk1-q4-ef")
-    }
+    got = {name: setting.overrides_for(name)["rounds"] for name in FEDERATED}
     assert got == {
         "fedavg-student-fp32": 10,
         "feddistill": 30,
         "topk1-q4-noef": 20,
         "down-topk1-q4-ef": 20,
+        "topk0.1-q4-ef": 20,
     }
     with pytest.raises(ValueError, match="--variant-rounds"):
         BenchSetting(out=tmp_path, variant_rounds=0)

@@ -43,8 +43,12 @@ class FederatedScenario:
     """A federation run through ``simulate``: run-config overrides and which round count."""
 
     overrides: dict[str, Any]
-    compressed: bool  # compressed runs get ``compressed_rounds`` (feddistill) or ``variant_rounds``
+    rounds: str  # the BenchSetting field holding its round count
     note: str  # the intent; the codecs and strategy actually run are appended from the config
+
+    @property
+    def compressed(self) -> bool:
+        return self.rounds != "rounds"
 
 
 FEDERATED: dict[str, FederatedScenario] = {
@@ -57,28 +61,28 @@ FEDERATED: dict[str, FederatedScenario] = {
             "server.strategy": "fedavg",
             "server.average-last": 0.0,
         },
-        compressed=False,
+        rounds="rounds",
         note="plain FedAvg of the student, float32 both ways, no teacher (distill.alpha = 1), "
         "last round's global",
     ),
     "feddistill": FederatedScenario(
         {},
-        compressed=True,
+        rounds="compressed_rounds",
         note="project defaults: KD from each client's fine-tuned teacher, compressed both ways",
     ),
     "topk1-q4-noef": FederatedScenario(
         {"compression.uplink": "topk:0.01+q4"},
-        compressed=True,
+        rounds="variant_rounds",
         note="KD; uplink top-1% + 4-bit without error feedback",
     ),
     "down-topk1-q4-ef": FederatedScenario(
         {"compression.downlink": "topk:0.01+q4+ef"},
-        compressed=True,
+        rounds="variant_rounds",
         note="KD; downlink top-1% + 4-bit (chained, server-side EF)",
     ),
     "topk0.1-q4-ef": FederatedScenario(
         {"compression.uplink": "topk:0.001+q4+ef"},
-        compressed=True,
+        rounds="variant_rounds",
         note="KD; uplink top-0.1% + 4-bit with error feedback",
     ),
 }
@@ -157,9 +161,7 @@ class BenchSetting:
         return [s for s in ALL_SCENARIOS if s in self.scenarios]
 
     def rounds_for(self, name: str) -> int:
-        if not FEDERATED[name].compressed:
-            return self.rounds
-        return self.compressed_rounds if name == "feddistill" else self.variant_rounds
+        return int(getattr(self, FEDERATED[name].rounds))
 
     def overrides_for(self, name: str) -> dict[str, Any]:
         """Run-config overrides of a federated scenario on top of the setting's config.
