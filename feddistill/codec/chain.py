@@ -287,3 +287,103 @@ def initial_downlink(initial: Mapping[str, np.ndarray], spec: CompressionSpec) -
     if spec.error_feedback:
         return pack_chain(ChainMessage(bytes(8), 0, ()))
     return encode({n: np.zeros_like(a, dtype=np.float32) for n, a in initial.items()}, spec).payload
+
+
+class NodeChains:
+    """One chain per node: a node that skipped rounds gets one delta, not one per round missed.
+
+    With a shared chain (:class:`ChainSender`), a node sampled every other round receives about
+    two versions per round; catching up is most of the downlink. Here node ``i`` has its own
+    broadcast model ``B_i`` and each message is the codec payload of ``global - B_i``: what the
+    node missed is merged into one pruned delta, and what that delta drops stays in the next
+    difference (error feedback per node). The cost is memory on the server, one float32 copy of
+    the exchanged weights per node seen, and on each node's disk one model per client.
+
+    Same interface as :class:`ChainSender` (the strategy and the checkpoint use either); the
+    node's chain id is derived from the run's, so clients need no other protocol.
+    """
+
+    def __init__(
+        self,
+        initial: Mapping[str, np.ndarray],
+        spec: CompressionSpec,
+        *,
+        chain: bytes,
+        seed: int = 0,
+        history: int = 4,
+    ) -> None:
+        self.initial = {n: np.asarray(a, dtype=np.float32) for n, a in initial.items()}
+        self.spec = spec
+        self.chain = chain
+        self.seed = seed
+        self.history = history
+        self.nodes: dict[int, ChainSender] = {}
+        self.restarts: dict[int, int] = {}  # node -> chains it was given after failing
+        self._global: Mapping[str, np.ndarray] | None = None
+
+    def _sender(self, node: int) -> ChainSender:
+        if node not in self.nodes:
+            ident = (node % 2**64).to_bytes(8, "little") + self.restarts.get(node, 0).to_bytes(4)
+            key = hashlib.blake2b(self.chain + ident)
+            self.nodes[node] = ChainSender(
+                self.initial,
+                self.spec,
+                chain=key.digest()[:8],
+                seed=(self.seed * 1_000_003 + node) % 2**31,
+                history=self.history,
+            )
+        return self.nodes[node]
+
+    def advance(self, global_arrays: Mapping[str, np.ndarray]) -> int:
+        """Remember the global; each node's delta is encoded when its message is asked for."""
+        self._global = global_arrays
+        return 0
+
+    def message_for(self, node: int) -> tuple[np.ndarray, int]:
+        assert self._global is not None, "advance() comes before message_for()"
+        sender = self._sender(node)
+        sender.advance(self._global)
+        return sender.message_for(node)
+
+    def acknowledge(self, node: int, version: int) -> None:
+        self._sender(node).acknowledge(node, version)
+
+    def forget(self, node: int) -> None:
+        """A node that failed starts a new chain from the initial model it can always rebuild:
+        one delta next time, rather than its old chain's missed versions or a float32 base."""
+        if self.nodes.pop(node, None) is not None:
+            self.restarts[node] = self.restarts.get(node, 0) + 1
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """As :meth:`ChainSender.state`, the nodes' arrays under ``"<node>/<name>"`` keys."""
+        meta: dict[str, Any] = {
+            "chain": self.chain.hex(),
+            "restarts": {str(k): v for k, v in self.restarts.items()},
+            "nodes": {},
+        }
+        broadcast: dict[str, np.ndarray] = {}
+        payloads: dict[str, np.ndarray] = {}
+        for node, sender in self.nodes.items():
+            node_meta, node_broadcast, node_payloads = sender.state()
+            meta["nodes"][str(node)] = node_meta
+            broadcast.update({f"{node}/{n}": a for n, a in node_broadcast.items()})
+            payloads.update({f"{node}/{v}": p for v, p in node_payloads.items()})
+        return meta, broadcast, payloads
+
+    def load_state(
+        self,
+        meta: Mapping[str, Any],
+        broadcast: Mapping[str, np.ndarray],
+        payloads: Mapping[str, np.ndarray],
+    ) -> None:
+        self.chain = bytes.fromhex(meta["chain"])
+        self.restarts = {int(k): int(v) for k, v in meta["restarts"].items()}
+        self.nodes = {}
+        for key, node_meta in meta["nodes"].items():
+            node = int(key)
+            prefix = f"{key}/"
+            self._sender(node).load_state(
+                node_meta,
+                {k.removeprefix(prefix): a for k, a in broadcast.items() if k.startswith(prefix)},
+                {k.removeprefix(prefix): p for k, p in payloads.items() if k.startswith(prefix)},
+            )

@@ -35,13 +35,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from feddistill import keys
 from feddistill.codec import CompressionSpec, PayloadError, decode, encode
-from feddistill.codec.chain import ChainSender
+from feddistill.codec.chain import ChainSender, NodeChains
 from feddistill.wire import message_bytes, payload_record
 
 log = logging.getLogger("feddistill.server")
@@ -78,6 +78,7 @@ class CompressedStrategy(Strategy):
         min_replies: int = 1,
         round_offset: int = 0,
         uniform: bool = False,
+        per_node: bool = False,
     ) -> None:
         self.inner = inner
         self.uniform = uniform
@@ -93,8 +94,9 @@ class CompressedStrategy(Strategy):
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._train_requests: dict[int, list[Message]] = {}  # to name nodes that never replied
+        chains = NodeChains if per_node else ChainSender
         self.chain = (
-            ChainSender(self.initial, downlink, chain=secrets.token_bytes(8), seed=seed)
+            chains(self.initial, downlink, chain=secrets.token_bytes(8), seed=seed)
             if downlink.error_feedback
             else None
         )
@@ -142,6 +144,9 @@ class CompressedStrategy(Strategy):
         for msg in out:
             node = msg.metadata.dst_node_id
             payload, version = self.chain.message_for(node)
+            # Flower's strategies give every message of a round the same RecordDict; messages
+            # differ here, so each gets its own (sharing the unchanged records).
+            msg.content = RecordDict(dict(msg.content.items()))
             msg.content[self.inner_key] = payload_record(payload)
             self._inflight[node] = version
             sink[node] = message_bytes(msg)
