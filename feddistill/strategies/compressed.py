@@ -11,10 +11,10 @@ Downlink, two protocols chosen by the downlink spec:
   the initial student that every node can rebuild, so a client that skipped any number of rounds
   still reconstructs the current model; the error stays bounded by one quantization step of the
   current delta. Stateless, but a pruned spec would lose whatever it drops.
-* with ``ef`` (e.g. ``topk:0.01+q4+ef``): a chain of compressed deltas with server-side error
-  feedback (:class:`feddistill.codec.chain.ChainSender`): each node gets the versions it missed
-  since it last answered, or the broadcast model itself when that is cheaper. Messages to
-  different nodes may then differ, and each is counted.
+* with ``ef`` (e.g. ``topk:0.01+q4+ef``): chains of compressed deltas with server-side error
+  feedback: one per node (:class:`feddistill.codec.chain.NodeChains`, one merged delta per
+  message) or one for all (:class:`feddistill.codec.chain.ChainSender`, the versions a node
+  missed since it last answered). Messages to different nodes then differ, and each is counted.
 
 Uplink: a client's payload decodes to ``delta_i = student_i - received``; the wrapper hands the
 inner strategy dense weights ``global + delta_i``, so FedAvg gives ``global + mean(delta)``,
@@ -59,7 +59,6 @@ class RoundTraffic:
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     replies: int = 0
-    downlink_payload_bytes: int = 0
 
 
 class CompressedStrategy(Strategy):
@@ -111,7 +110,6 @@ class CompressedStrategy(Strategy):
         self._global = dense
         delta = {n: dense[n] - self.initial[n] for n in self.names}
         encoded = encode(delta, self.downlink, seed=self.seed * 7919 + server_round)
-        self._round(server_round).downlink_payload_bytes = int(encoded.payload.nbytes)
         return payload_record(encoded.payload)
 
     def _compress_messages(
@@ -137,9 +135,7 @@ class CompressedStrategy(Strategy):
     ) -> list[Message]:
         assert self.chain is not None
         self._global = {n: arrays[n].numpy() for n in self.names}
-        new = self.chain.advance(self._global)
-        if new:
-            self._round(server_round).downlink_payload_bytes = new
+        self.chain.advance(self._global)
         self._inflight = {}
         for msg in out:
             node = msg.metadata.dst_node_id
