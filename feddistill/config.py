@@ -275,16 +275,10 @@ class CompressionConfig:
     feedback. Five clients' 1% uplinks cover up to 5% of the weights, so a 5% downlink keeps up
     with them; at 1-2% the broadcast model lagged the global and accuracy dropped (README
     "Compression").
-
-    ``downlink_chain``: ``per-node`` gives each node its own chain, so a node that missed rounds
-    gets one merged delta instead of one per round (about half the downlink bytes with half the
-    clients sampled), for one model per node in server memory; ``shared`` keeps one chain for
-    all nodes, for federations too large for that.
     """
 
     uplink: str = "topk:0.01+q4+ef"
     downlink: str = "topk:0.05+q4+ef"
-    downlink_chain: str = "per-node"
     max_payload_mb: float = 512.0
 
     def __post_init__(self) -> None:
@@ -296,7 +290,6 @@ class CompressionConfig:
                 parse_spec(text)
             except ValueError as err:
                 raise ConfigError(f"invalid config {key} = {text!r}: {err}") from None
-        _check_choice("compression.downlink-chain", self.downlink_chain, ("per-node", "shared"))
         _check_range("compression.max-payload-mb", self.max_payload_mb, lo=0, lo_open=True)
 
 

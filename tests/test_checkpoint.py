@@ -65,11 +65,11 @@ def _reply(node: int, delta: dict[str, np.ndarray], n: int, request: Message | N
 
 
 def _wrapper(
-    inner: Strategy, initial: dict[str, np.ndarray], downlink: str = "none", per_node: bool = False
+    inner: Strategy, initial: dict[str, np.ndarray], downlink: str = "none"
 ) -> CompressedStrategy:
     return CompressedStrategy(
         inner, schema=SCHEMA, initial=initial, uplink=parse_spec("none"),
-        downlink=parse_spec(downlink), max_payload_bytes=1 << 20, per_node=per_node,
+        downlink=parse_spec(downlink), max_payload_bytes=1 << 20,
     )  # fmt: skip
 
 
@@ -97,18 +97,14 @@ def _round(wrapper: CompressedStrategy, r: int, arrays: ArrayRecord, rng, nodes=
     [lambda: FedAdam(eta=0.1), lambda: FedAvgM(server_learning_rate=0.5, server_momentum=0.9)],
     ids=["fedadam", "fedavgm"],
 )
-@pytest.mark.parametrize(
-    ("downlink", "per_node"),
-    [("none", False), ("topk:0.3+q8+ef", False), ("topk:0.3+q8+ef", True)],
-    ids=["stateless", "shared-chain", "per-node-chains"],
-)
+@pytest.mark.parametrize("downlink", ["none", "topk:0.3+q8+ef"], ids=["stateless", "chained"])
 def test_restored_strategy_continues_like_the_original(
-    make_inner, downlink: str, per_node: bool, tmp_path: Path
+    make_inner, downlink: str, tmp_path: Path
 ) -> None:
     # Prepare: two rounds, then a checkpoint into a file
     rng = np.random.default_rng(0)
     initial = _arrays(rng)
-    original = _wrapper(make_inner(), initial, downlink, per_node)
+    original = _wrapper(make_inner(), initial, downlink)
     arrays = ArrayRecord({n: Array(a) for n, a in initial.items()})
     for r in (1, 2):
         arrays = _round(original, r, arrays, rng)[1]
@@ -123,21 +119,18 @@ def test_restored_strategy_continues_like_the_original(
     # Execute: a fresh wrapper restored from the file, then round 3 on both
     state = load_state(state_path(tmp_path))
     assert state is not None and state.round == 2
-    resumed = _wrapper(make_inner(), initial, downlink, per_node)
+    resumed = _wrapper(make_inner(), initial, downlink)
     restore(state, parse_config({"resume": True}), resumed, record)
     assert SAMPLER.random() == expected_random
     assert resumed.round_offset == 2
     restored_arrays = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
     sent_before, want = _round(original, 3, arrays, np.random.default_rng(1))
     sent, got = _round(resumed, 1, restored_arrays, np.random.default_rng(1))
-    # The same downlink to each node (chain state restored; per-node chains differ by node)
-    before = {
-        m.metadata.dst_node_id: m.content[keys.ARRAYS][keys.PAYLOAD].numpy() for m in sent_before
-    }
-    after = {m.metadata.dst_node_id: m.content[keys.ARRAYS][keys.PAYLOAD].numpy() for m in sent}
-    assert before.keys() == after.keys()
-    for node, payload in before.items():
-        np.testing.assert_array_equal(payload, after[node])
+    for a, b in zip(sent_before, sent, strict=True):  # the same downlink (chain state restored)
+        np.testing.assert_array_equal(
+            a.content[keys.ARRAYS][keys.PAYLOAD].numpy(),
+            b.content[keys.ARRAYS][keys.PAYLOAD].numpy(),
+        )
 
     # Assert: the same new global, bit for bit, and round 3 everywhere in the resumed wrapper
     for name, _ in SCHEMA:
@@ -157,22 +150,6 @@ def test_restore_refuses_other_settings_and_fewer_rounds(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"rounds = 2: the saved run already completed 3"):
         restore(state, cfg.with_overrides({"rounds": 2, "resume": True}), wrapper, record)
     restore(state, cfg.with_overrides({"rounds": 9, "resume": True}), wrapper, record)  # more: ok
-
-
-def test_a_run_saved_before_downlink_chain_existed_resumes_with_the_shared_chain(
-    tmp_path: Path,
-) -> None:
-    rng = np.random.default_rng(2)
-    cfg = parse_config({"rounds": 4})
-    record = RunRecord(out_dir=tmp_path, config=cfg.to_flat(), header={})
-    state = snapshot(3, _arrays(rng), _wrapper(FedAvg(), _arrays(rng)), record)
-    del state.config["compression.downlink-chain"]
-    with pytest.raises(ConfigError, match=r"compression.downlink-chain: 'shared' -> 'per-node'"):
-        restore(
-            state, cfg.with_overrides({"resume": True}), _wrapper(FedAvg(), _arrays(rng)), record
-        )
-    shared = cfg.with_overrides({"resume": True, "compression.downlink-chain": "shared"})
-    restore(state, shared, _wrapper(FedAvg(), _arrays(rng)), record)
 
 
 def test_state_file_keeps_dtypes_and_is_replaced_atomically(tmp_path: Path) -> None:

@@ -203,14 +203,11 @@ def test_min_replies_keeps_global_when_too_few_answer() -> None:
     assert wrapper.traffic[1].replies == 1
 
 
-@pytest.mark.parametrize("per_node", [False, True], ids=["shared-chain", "per-node-chains"])
-def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(
-    tmp_path, per_node: bool
-) -> None:
-    """Nodes answer in some rounds only; each rebuilds the server's broadcast (its own, with a
-    chain per node) bit for bit with the client's own ``received_arrays`` and node cache, and a
-    node that failed (and so was forgotten) recovers from its initial model. The requests share
-    one RecordDict, as Flower's strategies build them, yet each node gets its own message."""
+def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(tmp_path) -> None:
+    """Nodes answer in some rounds only; each rebuilds the server's broadcast bit for bit with
+    the client's own ``received_arrays`` and node cache, and a node that failed (and so was
+    forgotten) recovers from its initial model. The requests share one RecordDict, as Flower's
+    strategies build them, yet each node gets the message for the version it holds."""
     from types import SimpleNamespace
 
     from feddistill.client.work import received_arrays
@@ -230,14 +227,9 @@ def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(
         uplink=parse_spec("none"),
         downlink=parse_spec(spec),
         max_payload_bytes=1 << 20,
-        per_node=per_node,
     )
     chain = wrapper.chain
     assert chain is not None
-
-    def broadcast(node: int) -> dict[str, np.ndarray]:
-        return chain.nodes[node].broadcast if per_node else chain.broadcast  # type: ignore[union-attr]
-
     global_w = {n: a.copy() for n, a in initial.items()}
     schedule = [[1, 2], [1], [1, 3], [2, 3], [1, 2, 3]]
     down: dict[int, dict[int, int]] = {}
@@ -251,16 +243,14 @@ def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(
         for msg in messages:
             node = msg.metadata.dst_node_id
             payload = msg.content[keys.ARRAYS][keys.PAYLOAD].numpy()
-            assert sink[node] > payload.size  # counted: this very message, framing included
-            if per_node:  # one delta, however many rounds the node missed (none in round 1)
-                msg_in = unpack_chain(payload, max_payload_bytes=1 << 20)
-                assert msg_in.base is None and len(msg_in.deltas) == int(server_round > 1)
+            held = chain.node_version.get(node, 0)
+            assert unpack_chain(payload, max_payload_bytes=1 << 20).first_needed == held
             if node == 3 and server_round == 3:  # fails: the server must forget what it held
                 replies.append(Message(Error(code=6, reason="disk full"), reply_to=msg))
                 continue
             got = received_arrays(models, cfg, payload, tmp_path / f"node-{node}")
             for name, _ in BIG:
-                np.testing.assert_array_equal(got[name], broadcast(node)[name])
+                np.testing.assert_array_equal(got[name], chain.broadcast[name])
             delta = _arrays(rng, 0.05, BIG)
             replies.append(
                 _reply(node, payload_record(encode(delta, parse_spec("none")).payload), 10)
@@ -269,13 +259,8 @@ def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(
         assert new is not None
         global_w = {n: new[n].numpy() for n, _ in BIG}
         assert set(sink) == set(nodes) and all(b > 0 for b in sink.values())
-    if per_node:
-        # Node 3, forgotten after failing in round 3, got a new chain: versions 1-2 of it.
-        assert {n: s.node_version[n] for n, s in chain.nodes.items()} == {1: 3, 2: 2, 3: 2}
-        assert chain.restarts == {3: 1}
-    else:
-        # Round 1 sends the initial model (no version); versions 1-4 follow in rounds 2-5. In
-        # round 4 node 2 (last answer in round 1) and node 3 (never a good answer) both get
-        # versions 1-3, while in round 2 node 1 needed version 1 only.
-        assert chain.node_version == {1: 4, 2: 4, 3: 4}  # type: ignore[union-attr]
-        assert down[1][1] < down[2][1] < down[4][2] == down[4][3]
+    # Round 1 sends the initial model (no version); versions 1-4 follow in rounds 2-5. In round 4
+    # node 2 (last answer in round 1) and node 3 (never a good answer) both get versions 1-3,
+    # while in round 2 node 1 needed version 1 only.
+    assert chain.node_version == {1: 4, 2: 4, 3: 4}
+    assert down[1][1] < down[2][1] < down[4][2] == down[4][3]

@@ -259,8 +259,7 @@ def snapshot(
     rounds' models.
 
     The wrapper's traffic counters are already in ``record``; a stateless downlink is encoded
-    afresh each round, a chained one (:class:`feddistill.codec.chain.ChainSender` or
-    :class:`~feddistill.codec.chain.NodeChains`) is saved.
+    afresh each round, a chained one (:class:`feddistill.codec.chain.ChainSender`) is saved.
     """
     python_random, torch_random = random_states()
     downlink = None
@@ -294,9 +293,7 @@ def restore(
         ConfigError: the saved run used other settings (outside :data:`RESUMABLE_KEYS`), or
             completed more rounds than ``rounds`` asks for now.
     """
-    # Runs saved before compression.downlink-chain existed used the shared chain.
-    saved = {"compression.downlink-chain": "shared", **state.config}
-    diffs = config_differences(saved, cfg.to_flat())
+    diffs = config_differences(state.config, cfg.to_flat())
     if diffs:
         raise ConfigError(
             "resume = true, but the saved run in this output-dir used other settings ("

@@ -11,10 +11,10 @@ Downlink, two protocols chosen by the downlink spec:
   the initial student that every node can rebuild, so a client that skipped any number of rounds
   still reconstructs the current model; the error stays bounded by one quantization step of the
   current delta. Stateless, but a pruned spec would lose whatever it drops.
-* with ``ef`` (e.g. ``topk:0.01+q4+ef``): chains of compressed deltas with server-side error
-  feedback: one per node (:class:`feddistill.codec.chain.NodeChains`, one merged delta per
-  message) or one for all (:class:`feddistill.codec.chain.ChainSender`, the versions a node
-  missed since it last answered). Messages to different nodes then differ, and each is counted.
+* with ``ef`` (e.g. ``topk:0.01+q4+ef``): a chain of compressed deltas with server-side error
+  feedback (:class:`feddistill.codec.chain.ChainSender`): each node gets the versions it missed
+  since it last answered, or the broadcast model itself when that is cheaper. Messages to
+  different nodes may then differ, and each is counted.
 
 Uplink: a client's payload decodes to ``delta_i = student_i - received``; the wrapper hands the
 inner strategy dense weights ``global + delta_i``, so FedAvg gives ``global + mean(delta)``,
@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import Strategy
 
 from feddistill import keys
 from feddistill.codec import CompressionSpec, PayloadError, decode, encode
-from feddistill.codec.chain import ChainSender, NodeChains
+from feddistill.codec.chain import ChainSender
 from feddistill.wire import message_bytes, payload_record
 
 log = logging.getLogger("feddistill.server")
@@ -77,7 +77,6 @@ class CompressedStrategy(Strategy):
         min_replies: int = 1,
         round_offset: int = 0,
         uniform: bool = False,
-        per_node: bool = False,
     ) -> None:
         self.inner = inner
         self.uniform = uniform
@@ -93,9 +92,8 @@ class CompressedStrategy(Strategy):
         self.traffic: dict[int, RoundTraffic] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._train_requests: dict[int, list[Message]] = {}  # to name nodes that never replied
-        chains = NodeChains if per_node else ChainSender
         self.chain = (
-            chains(self.initial, downlink, chain=secrets.token_bytes(8), seed=seed)
+            ChainSender(self.initial, downlink, chain=secrets.token_bytes(8), seed=seed)
             if downlink.error_feedback
             else None
         )

@@ -71,7 +71,6 @@ def build_strategy(
         initial=initial,
         uplink=parse_spec(cfg.compression.uplink),
         downlink=parse_spec(cfg.compression.downlink),
-        per_node=cfg.compression.downlink_chain == "per-node",
         max_payload_bytes=int(cfg.compression.max_payload_mb * 2**20),
         seed=cfg.seed,
         min_replies=cfg.server.min_replies,
