@@ -121,7 +121,7 @@ class CompressedStrategy(Strategy):
         if not out:
             return out
         if self.chain is not None:
-            return self._chain_messages(server_round, out, arrays, sink)
+            return self._chain_messages(out, arrays, sink)
         record = self._downlink_record(server_round, arrays)
         for msg in out:
             msg.content[self.inner_key] = record
@@ -129,7 +129,7 @@ class CompressedStrategy(Strategy):
         return out
 
     def _chain_messages(
-        self, server_round: int, out: list[Message], arrays: ArrayRecord, sink: dict[int, int]
+        self, out: list[Message], arrays: ArrayRecord, sink: dict[int, int]
     ) -> list[Message]:
         assert self.chain is not None
         self._global = {n: arrays[n].numpy() for n in self.names}
