@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from feddistill.models.build import OFFLINE_MINILM
 
@@ -31,6 +31,9 @@ ALL_SCENARIOS = (
 # weights. The AG News preset freezes them in the compressed scenarios, where they would
 # otherwise take most of the bytes; measured 2026-12-01, the accuracy did not change (84.11% vs
 # 84.18%) while bytes per client per round fell from 477,884 to 176,165.
+# The BenchSetting field that holds a federated scenario's round count
+RoundsField = Literal["rounds", "compressed_rounds", "variant_rounds"]
+
 BERT_FFN = r"intermediate\.dense|layer\.\d+\.output\.dense"
 
 # What runs without --scenarios: all but the slowest-learning variant (keep 0.1%), which does
@@ -43,7 +46,7 @@ class FederatedScenario:
     """A federation run through ``simulate``: run-config overrides and which round count."""
 
     overrides: dict[str, Any]
-    rounds: str  # the BenchSetting field holding its round count
+    rounds: RoundsField
     note: str  # the intent; the codecs and strategy actually run are appended from the config
 
     @property
