@@ -123,10 +123,11 @@ def simulate_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    cfg = simulate_config(args)  # a bad config fails before Ray and torch are imported
+
     from feddistill.server.app import setup_logging
     from feddistill.simulation.engine import simulate
 
-    cfg = simulate_config(args)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     log = logging.getLogger("feddistill")
     log.info(

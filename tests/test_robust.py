@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
+import shlex
+from pathlib import Path
 
 import flwr.serverapp.strategy as flower_strategies
 import numpy as np
@@ -27,7 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from feddistill import keys
 from feddistill.aggregation import STRATEGIES, requirement, trim_needed
-from feddistill.cli import SIMULATE_OPTIONS
+from feddistill.cli import SIMULATE_OPTIONS, main
 from feddistill.codec import encode, parse_spec
 from feddistill.config import ConfigError, ServerConfig, parse_config
 from feddistill.server.results import RunRecord
@@ -421,3 +424,17 @@ def test_dropout_round_keeps_the_global_and_the_run_goes_on() -> None:
     )
     assert strategy.traffic[2].failures == [(12, "no reply within server.round-timeout")]
     assert strategy.traffic[1].round_failure == strategy.traffic[3].round_failure == ""
+
+
+# -- docs/aggregation.md ------------------------------------------------------------------------
+@pytest.mark.slow  # the CLI's parser imports torch and transformers (feddistill.export)
+def test_doc_commands_print_what_the_doc_shows(capsys) -> None:
+    """Every ```sh command of docs/aggregation.md, run as written, prints the ```text after it."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "aggregation.md").read_text()
+    pairs = re.findall(r"```sh\n(.*?)\n```\n\n```text\n(.*?)\n```", doc, flags=re.S)
+    assert len(pairs) == doc.count("```sh") >= 1
+    for command, shown in pairs:
+        argv = shlex.split(command)
+        assert argv[0] == "feddistill"
+        assert main(argv[1:]) == 2
+        assert capsys.readouterr().err.strip() == shown
