@@ -438,3 +438,45 @@ def test_doc_commands_print_what_the_doc_shows(capsys) -> None:
         assert argv[0] == "feddistill"
         assert main(argv[1:]) == 2
         assert capsys.readouterr().err.strip() == shown
+
+
+@pytest.mark.slow
+def test_simulated_rounds_short_of_replies_keep_the_global(tmp_path: Path) -> None:
+    """Through Flower's simulation engine: FedMedian over 3 clients, one sending garbage every
+    round; each round has 2 valid replies, is skipped and says so, and the model never moves."""
+    import json
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    from feddistill.server.app import make_server_app
+    from feddistill.simulation.engine import backend_config, offline_environment
+    from tests.conftest import tiny_config
+    from tests.test_garbage_client import garbage_app
+
+    offline_environment()
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "server.strategy": "fedmedian",
+            "compression.downlink": "q8",
+            "server.local-only": "off",
+        },
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(cfg.to_flat()),
+            client_app=garbage_app,
+            num_supernodes=cfg.data.num_clients,
+            backend_config=backend_config(1.0, 0.0, verbose=False),
+        )
+    results = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for r in results["rounds"]:
+        assert r["replies"] == 2 and r["failures"] == 1
+        assert r["round_failure"] == (
+            "robust aggregation skipped: 2 replies < 3 needed by FedMedian (over 2 replies the "
+            "median is their mean); global unchanged"
+        )
+        assert r["accuracy"] == results["initial"]["accuracy"]
