@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from feddistill import __version__
+from feddistill.aggregation import STRATEGIES
 from feddistill.config import Config, ConfigError, known_keys, parse_config
 
 # (flag, run-config key, type, help)
@@ -50,7 +51,14 @@ SIMULATE_OPTIONS: list[tuple[str, str, type, str]] = [
     ),
     ("--student", "model.student", str, "'derived' (from the teacher) or a model id/folder"),
     ("--student-layers", "model.student-layers", int, "layers of a derived student"),
-    ("--strategy", "server.strategy", str, "fedavg, fedprox, fedavgm, fedadam, fedyogi, ..."),
+    (
+        "--strategy",
+        "server.strategy",
+        str,
+        ", ".join(STRATEGIES)
+        + " (robust ones: server.trim-beta, server.num-malicious, server.multikrum-select;"
+        " docs/aggregation.md)",
+    ),
     ("--uplink", "compression.uplink", str, "uplink codec, e.g. 'topk:0.01+q4+ef' or 'none'"),
     (
         "--downlink",
@@ -115,10 +123,11 @@ def simulate_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    cfg = simulate_config(args)  # a bad config fails before Ray and torch are imported
+
     from feddistill.server.app import setup_logging
     from feddistill.simulation.engine import simulate
 
-    cfg = simulate_config(args)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     log = logging.getLogger("feddistill")
     log.info(

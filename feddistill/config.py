@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from feddistill.aggregation import STRATEGIES, RobustSettingError, requirement, what_works
 from feddistill.codec import parse_spec
 
 
@@ -36,17 +37,19 @@ def _check_range(
     lo: float | None = None,
     hi: float | None = None,
     lo_open: bool = False,
+    hi_open: bool = False,
 ) -> None:
     bad = not math.isfinite(value)
     if lo is not None:
         bad = bad or (value <= lo if lo_open else value < lo)
     if hi is not None:
-        bad = bad or value > hi
+        bad = bad or (value >= hi if hi_open else value > hi)
     if bad:
         left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
         lo_txt = "-inf" if lo is None else f"{lo:g}"
         hi_txt = "inf" if hi is None else f"{hi:g}"
-        _fail(key, value, f"a number in {left}{lo_txt}, {hi_txt}]")
+        _fail(key, value, f"a number in {left}{lo_txt}, {hi_txt}{right}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -54,16 +57,6 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
-STRATEGIES = (
-    "fedavg",
-    "fedprox",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedmedian",
-    "fedtrimmedavg",
-)
 PARTITIONINGS = ("iid", "dirichlet", "shards")
 
 
@@ -199,7 +192,11 @@ class ServerConfig:
     """Round structure and the Flower strategy that aggregates (decoded) updates.
 
     ``lr``/``momentum`` drive FedAvgM; ``eta``/``tau`` the adaptive FedAdam/FedYogi/FedAdagrad
-    (Reddi et al. 2021); ``proximal_mu`` FedProx; ``trim_beta`` FedTrimmedAvg. ``weighting``:
+    (Reddi et al. 2021); ``proximal_mu`` FedProx; ``trim_beta`` FedTrimmedAvg (the share of
+    replies cut from each end of every coordinate); ``num_malicious`` the attackers per round
+    that Krum, MultiKrum and Bulyan are sized for; ``multikrum_select`` the replies MultiKrum
+    averages (0: the round's replies minus ``num_malicious``). What the robust rules need per
+    round is in :mod:`feddistill.aggregation` and checked in :class:`Config`. ``weighting``:
     each reply counts by its ``num-examples`` (FedAvg's rule) or equally (``uniform``: under
     label skew a few large clients would otherwise pull the global model toward their classes).
 
@@ -224,13 +221,15 @@ class ServerConfig:
     proximal_mu: float = 0.01
     momentum: float = 0.0
     trim_beta: float = 0.2
+    num_malicious: int = 1
+    multikrum_select: int = 0
     local_only: str = "auto"
     local_only_epochs: int = 10
     weighting: str = "examples"
     average_last: float = 0.25
 
     def __post_init__(self) -> None:
-        _check_choice("server.strategy", self.strategy, STRATEGIES)
+        _check_choice("server.strategy", self.strategy, tuple(STRATEGIES))
         _check_choice("server.weighting", self.weighting, ("examples", "uniform"))
         for key, value in (
             ("server.clients-per-round", self.clients_per_round),
@@ -248,7 +247,15 @@ class ServerConfig:
         _check_range("server.tau", self.tau, lo=0, lo_open=True)
         _check_range("server.proximal-mu", self.proximal_mu, lo=0)
         _check_range("server.momentum", self.momentum, lo=0, hi=1)
-        _check_range("server.trim-beta", self.trim_beta, lo=0, hi=0.5)
+        # Flower's trim_mean refuses 0.5 (it would cut every reply) in every round.
+        _check_range("server.trim-beta", self.trim_beta, lo=0, hi=0.5, hi_open=True)
+        _check_range("server.num-malicious", self.num_malicious, lo=0, hi=10_000)
+        _check_range("server.multikrum-select", self.multikrum_select, lo=0, hi=100_000)
+        try:
+            requirement(self)
+        except RobustSettingError as err:
+            msg = f"invalid config server.strategy = {self.strategy!r}: {err}"
+            raise ConfigError(msg) from None
         _check_choice("server.local-only", self.local_only, ("auto", "on", "off"))
         _check_range("server.local-only-epochs", self.local_only_epochs, lo=1, hi=10_000)
         _check_range("server.average-last", self.average_last, lo=0, hi=100_000)
@@ -339,6 +346,28 @@ class Config:
         _check_choice("mode", self.mode, ("simulation", "deployment"))
         if not self.output_dir:
             _fail("output-dir", self.output_dir, "a folder path")
+        self._check_robust_rule()
+
+    def _check_robust_rule(self) -> None:
+        """A robust rule that cannot hold even when every sampled client replies is an error.
+
+        (Where only dropouts can break it, the server warns at start and fails such rounds:
+        :mod:`feddistill.strategies.robust`.)
+        """
+        s, clients = self.server, self.data.num_clients
+        req = requirement(s)
+        expected = s.num_sampled(s.clients_per_round, clients)
+        if req is None or expected >= req.needed:
+            return
+        more = f" and data.num-clients >= {req.needed}" if clients < req.needed else ""
+        other = what_works(s, expected)
+        other = f", or {other}" if other else f" (no setting of it works with {expected})"
+        raise ConfigError(
+            f"invalid config server.strategy = {s.strategy!r}: {req.rule} needs at least "
+            f"{req.needed} replies per round, but a round samples {expected} "
+            f"(server.clients-per-round = {s.clients_per_round:g}, data.num-clients = {clients}); "
+            f"expected server.clients-per-round >= {req.needed}{more}{other}"
+        )
 
     def to_flat(self) -> dict[str, Any]:
         """The flat, dotted-key form (what ``--run-config`` and pyproject use)."""

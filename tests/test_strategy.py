@@ -1,7 +1,8 @@
 """The compressed-strategy wrapper with hand-made replies (no Flower runtime).
 
-Parity: with the "none" codec, wrapping FedAvg/FedAdam/FedMedian gives exactly what Flower's own
-strategy gives on dense weights. Bad replies are dropped and counted; the round goes on.
+Parity: with the "none" codec, wrapping FedAvg/FedAdam/FedMedian/Krum/... gives exactly what
+Flower's own strategy gives on dense weights. Bad replies are dropped and counted; the round goes
+on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg, FedYogi, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from feddistill import keys
@@ -79,8 +90,20 @@ def _prime(wrapper: CompressedStrategy, global_arrays: dict[str, np.ndarray]) ->
         lambda: FedTrimmedAvg(beta=0.2),
         lambda: FedAdam(eta=0.1),
         lambda: FedYogi(eta=0.1),
+        lambda: Krum(num_malicious_nodes=1),
+        lambda: MultiKrum(num_malicious_nodes=1, num_nodes_to_select=2),
+        lambda: Bulyan(num_malicious_nodes=0),  # 4f + 3 <= 4 replies; f >= 1: tests/test_robust.py
     ],
-    ids=["fedavg", "fedmedian", "fedtrimmedavg", "fedadam", "fedyogi"],
+    ids=[
+        "fedavg",
+        "fedmedian",
+        "fedtrimmedavg",
+        "fedadam",
+        "fedyogi",
+        "krum",
+        "multikrum",
+        "bulyan",
+    ],
 )
 def test_none_codec_equals_flower_on_dense_weights(make_inner) -> None:
     rng = np.random.default_rng(0)

@@ -95,6 +95,7 @@ class RunRecord:
             "replies": traffic.replies,
             "failures": len(traffic.failures),
             "failure_reasons": [f"node {n}: {r}" for n, r in traffic.failures],
+            "round_failure": traffic.round_failure or None,
             "train": traffic.train_metrics,
             "federated_evaluation": traffic.eval_metrics,
             "seconds": seconds,

@@ -59,6 +59,7 @@ class RoundTraffic:
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     replies: int = 0
+    round_failure: str = ""  # why aggregation left the global unchanged, if it did
 
 
 class CompressedStrategy(Strategy):

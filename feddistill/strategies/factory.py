@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import flwr.serverapp.strategy as flower_strategies
 import numpy as np
-from flwr.serverapp.strategy import (
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Strategy,
-)
+from flwr.serverapp.strategy import Strategy
 
+from feddistill.aggregation import STRATEGIES, requirement
 from feddistill.codec import parse_spec
 from feddistill.config import Config
-from feddistill.strategies.compressed import CompressedStrategy
+from feddistill.strategies.compressed import CompressedStrategy, RoundTraffic
+from feddistill.strategies.robust import ReplyFloor
+
+log = logging.getLogger("feddistill.server")
 
 
 def inner_strategy(cfg: Config, num_nodes: int) -> Strategy:
-    """The plain Flower strategy named by ``server.strategy``.
+    """The plain Flower strategy named by ``server.strategy`` (see :data:`STRATEGIES`).
 
     ``server.clients-per-round`` < 1 is a fraction of the connected nodes, >= 1 a count; Flower
     samples ``max(int(nodes * fraction), min_train_nodes)``, so a count sets both.
@@ -31,32 +27,19 @@ def inner_strategy(cfg: Config, num_nodes: int) -> Strategy:
     s = cfg.server
     n_train = s.num_sampled(s.clients_per_round, num_nodes)
     n_eval = 0 if s.evaluate_clients == 0 else s.num_sampled(s.evaluate_clients, num_nodes)
-    common: dict[str, Any] = {
+    choice = STRATEGIES[s.strategy]
+    kwargs: dict[str, Any] = {
         "fraction_train": n_train / num_nodes,
         "fraction_evaluate": n_eval / num_nodes,
         "min_train_nodes": n_train,
         "min_evaluate_nodes": n_eval,
         "min_available_nodes": max(n_train, n_eval, 1),
+        **{arg: getattr(s, name) for arg, name in choice.params},
     }
-    extra: dict[str, dict[str, Any]] = {
-        "fedprox": {"proximal_mu": s.proximal_mu},
-        "fedavgm": {"server_learning_rate": s.lr, "server_momentum": s.momentum},
-        "fedadam": {"eta": s.eta, "tau": s.tau},
-        "fedyogi": {"eta": s.eta, "tau": s.tau},
-        "fedadagrad": {"eta": s.eta, "tau": s.tau},
-        "fedtrimmedavg": {"beta": s.trim_beta},
-    }
-    classes: dict[str, type[Strategy]] = {
-        "fedavg": FedAvg,
-        "fedprox": FedProx,
-        "fedavgm": FedAvgM,
-        "fedadam": FedAdam,
-        "fedyogi": FedYogi,
-        "fedadagrad": FedAdagrad,
-        "fedmedian": FedMedian,
-        "fedtrimmedavg": FedTrimmedAvg,
-    }
-    return classes[s.strategy](**common, **extra.get(s.strategy, {}))
+    if s.strategy == "multikrum" and s.multikrum_select == 0:
+        # n - f with every sampled client replying; ReplyFloor sets it from each round's count.
+        kwargs["num_nodes_to_select"] = n_train - s.num_malicious
+    return getattr(flower_strategies, choice.flower)(**kwargs)
 
 
 def build_strategy(
@@ -65,8 +48,13 @@ def build_strategy(
     schema: list[tuple[str, tuple[int, ...]]],
     initial: dict[str, np.ndarray],
 ) -> CompressedStrategy:
-    return CompressedStrategy(
-        inner_strategy(cfg, num_nodes),
+    inner = inner_strategy(cfg, num_nodes)
+    req = requirement(cfg.server)
+    if req is not None:
+        _log_tolerance(cfg, num_nodes, req.needed, req.rule)
+        inner = ReplyFloor(inner, req)
+    strategy = CompressedStrategy(
+        inner,
         schema=schema,
         initial=initial,
         uplink=parse_spec(cfg.compression.uplink),
@@ -75,4 +63,35 @@ def build_strategy(
         seed=cfg.seed,
         min_replies=cfg.server.min_replies,
         uniform=cfg.server.weighting == "uniform",
+    )
+    if isinstance(inner, ReplyFloor):
+
+        def record(server_round: int, reason: str) -> None:
+            strategy.traffic.setdefault(server_round, RoundTraffic()).round_failure = reason
+
+        inner.on_shortfall = record
+    return strategy
+
+
+def _log_tolerance(cfg: Config, num_nodes: int, needed: int, rule: str) -> None:
+    """Say once, at start, how many missing replies a round of the robust rule survives.
+
+    The config already refused settings that fail with every client replying; what is left
+    can only fail through dropouts, timeouts or rejected replies. That is a warning while the
+    server would otherwise accept rounds the rule cannot aggregate (server.min-replies below
+    what it needs), and a note once the user has raised server.min-replies to match.
+    """
+    s = cfg.server
+    expected = s.num_sampled(s.clients_per_round, num_nodes)
+    level = logging.WARNING if needed > s.min_replies else logging.INFO
+    log.log(
+        level,
+        "server.strategy = %r: %s needs %d replies per round and a round samples %d, so it "
+        "survives %d missing (dropouts, timeouts, rejected replies); a round with fewer is "
+        "skipped and keeps the global model (raise server.clients-per-round to survive more)",
+        s.strategy,
+        rule,
+        needed,
+        expected,
+        expected - needed,
     )
