@@ -26,13 +26,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 
 from feddistill.cli import main
+from feddistill.client.work import ClientError, load_initial, received_arrays
+from feddistill.codec import parse_spec
+from feddistill.codec.chain import ChainSender, unpack_chain
+from feddistill.server.run import resolve_paths
 from feddistill.simulation.cluster import ClusterInfo, parse_ray_address, probe_cluster
 from feddistill.simulation.engine import backend_config
-from tests.conftest import TINY
+from feddistill.task import source_splits
+from tests.conftest import TINY, tiny_config
 from tests.deploy.federation import BIN, Processes, Started
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +153,56 @@ def test_backend_config_joins_the_cluster_without_declaring_resources() -> None:
     assert joined["init_args"]["address"] == "10.0.0.1:6379"
     assert not {"num_cpus", "num_gpus"} & set(joined["init_args"])
     assert joined["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
+
+
+# -- a client that Ray places on another node (per-node caches) ----------------------------------
+def test_a_client_on_a_node_without_its_downlink_version_fails_once_then_gets_the_model(
+    tmp_path: Path,
+) -> None:
+    """What docs/ray-cluster.md says of per-node caches: the chained downlink works on any node
+    that some client brought to a recent version, fails on a node that has none (one lost
+    round), and after the server forgets the client a chain from version 0 works anywhere."""
+    # Prepare: the server's chain and three nodes' cache folders; client 7 ran on node A
+    cfg = resolve_paths(tiny_config(tmp_path))
+    _, _, labels = source_splits(cfg)
+    models = load_initial(cfg, labels, "")
+    sender = ChainSender(
+        models.init_arrays, parse_spec(cfg.compression.downlink), chain=b"raycache"
+    )
+    node_a, node_b, node_c = (tmp_path / n for n in ("a", "b", "c"))
+    rng = np.random.default_rng(0)
+
+    def next_global() -> None:
+        sender.advance(
+            {
+                n: a + rng.standard_normal(a.shape).astype(np.float32) * 0.01
+                for n, a in sender.broadcast.items()
+            }
+        )
+
+    def serve(client: int, node: Path) -> dict[str, np.ndarray]:
+        payload, version = sender.message_for(client)
+        arrays = received_arrays(models, cfg, payload, node)
+        sender.acknowledge(client, version)
+        return arrays
+
+    next_global()
+    serve(7, node_a)
+    serve(8, node_b)  # node B now holds version 1 too
+    next_global()
+
+    # Execute / Assert: client 7 on node B starts from the version client 8 left there
+    assert all(np.array_equal(v, sender.broadcast[n]) for n, v in serve(7, node_b).items())
+    next_global()
+    payload, _ = sender.message_for(7)
+    with pytest.raises(ClientError, match="not in this node's cache"):
+        received_arrays(models, cfg, payload, node_c)  # node C never ran a client
+    sender.forget(7)  # the server, on that error reply
+    payload, _ = sender.message_for(7)
+    # from version 0, which any node rebuilds (deltas 1..3 here; a float32 model when smaller)
+    assert unpack_chain(payload, max_payload_bytes=1 << 26).first_needed == 0
+    arrays = received_arrays(models, cfg, payload, node_c)
+    assert all(np.array_equal(v, sender.broadcast[n]) for n, v in arrays.items())
 
 
 # -- a two-node cluster on loopback ---------------------------------------------------------------
