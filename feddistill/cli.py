@@ -147,6 +147,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         gpus_per_client=args.gpus_per_client,
         verbose=args.verbose,
         progress=args.progress,
+        ray_address=args.ray_address,
     )
     if not results.get("final") or not results.get("rounds"):
         log.error("the run did not complete; see %s", cfg.output_dir)
@@ -179,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser(
         "simulate",
-        help="run a federation on one host with Flower's simulation engine (Ray)",
-        description="Run a whole federated distillation on this machine. With no options it "
+        help="run a federation with Flower's simulation engine (Ray), on one host or a Ray cluster",
+        description="Run a whole federated distillation on this machine (or, with "
+        "--ray-address, on a running Ray cluster). With no options it "
         "runs the embedded default (offline synthetic corpus, 10 non-IID clients) and writes "
         "OUT/results.json, OUT/student/ and OUT/checkpoints/.",
     )
@@ -198,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="GPU fraction per client, e.g. 0.25 = four clients share a GPU (default 0: CPU); "
         "without a CUDA device the clients run on CPU",
+    )
+    sim.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        default=None,
+        help="run the clients on this running Ray cluster (its head's address) instead of a "
+        "Ray instance of this process; run this command on a node of the cluster and give "
+        "cache-dir a folder every node sees (docs/ray-cluster.md)",
     )
     sim.add_argument(
         "--progress",

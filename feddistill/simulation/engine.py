@@ -30,6 +30,7 @@ from queue import Queue
 from typing import Any
 
 from feddistill.config import Config
+from feddistill.simulation.cluster import probe_cluster
 from feddistill.task import partitions, source_splits
 
 OFFLINE_ENV = {
@@ -90,12 +91,15 @@ def quiet_flower(verbose: bool) -> Iterator[None]:
 DISPATCH_PERIOD = 0.01
 
 
-def resolve_gpus(gpus_per_client: float, cuda_devices: int | None = None) -> tuple[float, str]:
+def resolve_gpus(
+    gpus_per_client: float, cuda_devices: int | None = None, where: str = "this machine"
+) -> tuple[float, str]:
     """GPUs to reserve per client, and a note for the user when the request cannot be met.
 
-    ``cuda_devices`` defaults to what torch sees. Without CUDA, Ray would build an empty actor
-    pool and Flower stop with "ActorPool is empty": running the clients on CPU is what the user
-    can still get, so that is what happens, with a note.
+    ``cuda_devices`` defaults to what torch sees (on a Ray cluster: the GPUs of its best-equipped
+    node, named by ``where``). Without CUDA, Ray would build an empty actor pool and Flower stop
+    with "ActorPool is empty": running the clients on CPU is what the user can still get, so that
+    is what happens, with a note.
     """
     if gpus_per_client < 0:
         raise ValueError(f"--gpus-per-client must be >= 0, got {gpus_per_client}")
@@ -107,13 +111,13 @@ def resolve_gpus(gpus_per_client: float, cuda_devices: int | None = None) -> tup
         cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if cuda_devices == 0:
         return 0.0, (
-            f"no CUDA device: running clients on CPU (--gpus-per-client {gpus_per_client:g} "
-            "ignored)"
+            f"no CUDA device{'' if where == 'this machine' else ' in ' + where}: running "
+            f"clients on CPU (--gpus-per-client {gpus_per_client:g} ignored)"
         )
     if gpus_per_client > cuda_devices:
         raise ValueError(
             f"--gpus-per-client {gpus_per_client:g} asks for more GPUs per client than the "
-            f"{cuda_devices} this machine has; use a fraction such as 0.5 to share one"
+            f"{cuda_devices} {where} has; use a fraction such as 0.5 to share one"
         )
     return float(gpus_per_client), ""
 
@@ -186,8 +190,17 @@ def record_partitions() -> Iterator[None]:
         SIMULATED_PARTITIONS.clear()
 
 
-def backend_config(cpus_per_client: float, gpus_per_client: float, verbose: bool) -> dict[str, Any]:
+def backend_config(
+    cpus_per_client: float, gpus_per_client: float, verbose: bool, ray_address: str | None = None
+) -> dict[str, Any]:
+    """Flower's Ray backend settings; ``ray_address`` joins that cluster instead of starting one.
+
+    Nothing here sets Ray's ``num_cpus``/``num_gpus`` init arguments, which Ray refuses when
+    connecting to an existing cluster: a node's resources are what its ``ray start`` declared.
+    """
     init_args: dict[str, Any] = {"include_dashboard": False}
+    if ray_address is not None:
+        init_args["address"] = ray_address
     if not verbose:
         init_args.update({"logging_level": logging.ERROR, "log_to_driver": False})
     return {
@@ -203,24 +216,44 @@ def simulate(
     gpus_per_client: float = 0.0,
     verbose: bool = False,
     progress: str = "off",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole federation; returns the parsed ``results.json``.
 
     ``progress`` (``off``, ``auto``, ``tty``, ``lines``) draws round progress on stderr;
     ``gpus_per_client`` > 0 without a CUDA device logs a note and runs the clients on CPU.
+    ``ray_address`` (``HOST:PORT`` of a running Ray head) runs the clients on that cluster
+    instead of a Ray instance of this process; it is checked first (see
+    :mod:`feddistill.simulation.cluster`). This process must run on a node of the cluster; the
+    clients' ``cache-dir`` should be a folder every node sees at the same path
+    (docs/ray-cluster.md says what happens otherwise).
     """
     offline_environment()
+    if cpus_per_client <= 0:
+        raise ValueError(f"--cpus-per-client must be > 0, got {cpus_per_client}")
+    log = logging.getLogger("feddistill")
+    if ray_address is None:
+        gpus_per_client, note = resolve_gpus(gpus_per_client)
+    else:
+        cluster = probe_cluster(ray_address)
+        log.info(cluster.summary())
+        if cluster.max_node_cpus < cpus_per_client:
+            raise ValueError(
+                f"--cpus-per-client {cpus_per_client:g}: no node of the Ray cluster at "
+                f"{ray_address} has that many CPUs (largest: {cluster.max_node_cpus:g})"
+            )
+        gpus_per_client, note = resolve_gpus(
+            gpus_per_client, cluster.max_node_gpus, f"the Ray cluster at {ray_address}"
+        )
+        ray_address = cluster.address
+    if note:
+        log.warning(note)
+    preflight(cfg)
     from flwr.simulation import run_simulation
 
     from feddistill.client.app import app as client_app
     from feddistill.server.app import make_server_app
 
-    if cpus_per_client <= 0:
-        raise ValueError(f"--cpus-per-client must be > 0, got {cpus_per_client}")
-    gpus_per_client, note = resolve_gpus(gpus_per_client)
-    if note:
-        logging.getLogger("feddistill").warning(note)
-    preflight(cfg)
     server_app = make_server_app(cfg.to_flat(), progress=progress)
     with quiet_flower(verbose), dispatch_to_addressed_nodes(), record_partitions():
         run_simulation(
@@ -228,7 +261,7 @@ def simulate(
             client_app=client_app,
             num_supernodes=cfg.data.num_clients,
             backend_name="ray",
-            backend_config=backend_config(cpus_per_client, gpus_per_client, verbose),
+            backend_config=backend_config(cpus_per_client, gpus_per_client, verbose, ray_address),
             verbose_logging=verbose,
         )
     results = Path(cfg.output_dir).expanduser().resolve() / "results.json"
