@@ -209,6 +209,9 @@ def simulate(
     ``progress`` (``off``, ``auto``, ``tty``, ``lines``) draws round progress on stderr;
     ``gpus_per_client`` > 0 without a CUDA device logs a note and runs the clients on CPU.
     """
+    from feddistill.server.tracking import require_backend
+
+    require_backend(cfg.tracking)  # a missing tracking package: say so before seconds of imports
     offline_environment()
     from flwr.simulation import run_simulation
 
