@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -371,9 +373,11 @@ def test_a_missing_package_is_a_config_error_before_any_training(
     assert not (tmp_path / "cli").exists()  # nothing started
 
 
-def test_no_tracking_writes_nothing(tmp_path: Path) -> None:
+def test_no_tracking_writes_nothing_and_forgets_an_older_tracked_run(tmp_path: Path) -> None:
     cfg = _config(tmp_path, "none")
     record = _record(cfg)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / STATE_FILE).write_text('{"backend": "mlflow", "run_id": "older"}')
     with Tracker(cfg) as tracker:
         tracker.start(record, resumed=False)
         _add_rounds(record, range(1, 2), tracker)
@@ -414,3 +418,30 @@ def test_a_tiny_federation_with_mlflow_tracks_every_round(tmp_path: Path) -> Non
     student = {a.path for a in client.list_artifacts(run_id, "student")}
     assert "student/model.safetensors" in student
     assert run.data.params["rounds"] == "2"
+
+
+def _doc_commands() -> list[str]:
+    doc = (Path(__file__).parents[1] / "docs" / "tracking.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", doc, flags=re.DOTALL)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_the_doc_commands_parse_and_point_where_the_tracker_writes() -> None:
+    """Checks each ```sh line of docs/tracking.md without running it: feddistill commands
+    parse to a valid config with tracking on; the viewers open the default output folder."""
+    out = Config().output_dir
+    seen = set()
+    for line in _doc_commands():
+        argv = shlex.split(line)
+        seen.add(argv[0])
+        if argv[0] == "feddistill":
+            cfg = simulate_config(build_parser().parse_args(argv[1:]))
+            assert cfg.tracking.backend in ("tensorboard", "mlflow"), line
+        elif argv[0] == "tensorboard":
+            assert argv[1:] == ["--logdir", f"{out}/tensorboard"]
+        elif argv[0] == "mlflow":
+            assert argv[1:] == ["ui", "--backend-store-uri", f"sqlite:///{out}/mlflow/mlflow.db"]
+        else:
+            assert argv[:2] == ["pip", "install"], line
+            assert argv[2] in ("feddistill[tracking]", "mlflow"), line
+    assert seen == {"pip", "feddistill", "tensorboard", "mlflow"}

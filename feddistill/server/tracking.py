@@ -306,6 +306,8 @@ class Tracker:
 
     def start(self, record: RunRecord, *, resumed: bool) -> None:
         """Open (or, resumed, reopen) the run, log the config and any rounds not yet logged."""
+        if not resumed:  # a new run here: a later resume must not continue an older one
+            self.state_path.unlink(missing_ok=True)
         if self.settings.backend == "none":
             return
         self._guard("start", lambda: self._start(record, resumed))
