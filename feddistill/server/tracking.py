@@ -81,8 +81,9 @@ _NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
 def require_backend(settings: TrackingConfig) -> None:
     """Raise ConfigError naming the package to install when the backend cannot be imported.
 
-    Called before any training (``feddistill simulate``'s preflight, the server's start);
-    clients never call it, so they need no tracking package.
+    Called before any training (first thing in ``feddistill simulate`` and
+    :func:`feddistill.simulation.engine.simulate`, and when the server builds its
+    :class:`Tracker`); clients never call it, so they need no tracking package.
     """
     if settings.backend == "none":
         return
