@@ -69,6 +69,14 @@ SIMULATE_OPTIONS: list[tuple[str, str, type, str]] = [
     ),
     ("--out", "output-dir", str, "output folder (results.json, student/, checkpoints/)"),
     ("--seed", "seed", int, "random seed (data, partitions, initialization, sampling)"),
+    (
+        "--tracking",
+        "tracking.backend",
+        str,
+        "log every round's figures to 'tensorboard' (OUT/tensorboard) or 'mlflow' (a local "
+        "store in OUT/mlflow unless tracking.uri is set); 'none' by default. Needs "
+        "pip install 'feddistill[tracking]' (docs/tracking.md)",
+    ),
 ]
 
 
@@ -123,7 +131,10 @@ def simulate_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from feddistill.server.tracking import require_backend
+
     cfg = simulate_config(args)  # a bad config fails before Ray and torch are imported
+    require_backend(cfg.tracking)  # a missing package is named before seconds of imports
 
     from feddistill.server.app import setup_logging
     from feddistill.simulation.engine import simulate

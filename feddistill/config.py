@@ -315,6 +315,30 @@ class CacheConfig:
         _check_range("cache.max-mb", self.max_mb, lo=0)
 
 
+TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking of every round's figures (:mod:`feddistill.server.tracking`).
+
+    ``uri`` empty: TensorBoard writes under ``OUT/tensorboard``, MLflow keeps an embedded
+    SQLite store under ``OUT/mlflow``; otherwise it is passed as is (a TensorBoard log folder,
+    an MLflow tracking URI such as ``http://host:5000`` or ``sqlite:///mlflow.db``). The
+    backend's package is checked when the server starts, not here: clients parse this config
+    too and need no tracking package.
+    """
+
+    backend: str = "none"
+    uri: str = ""
+    experiment: str = "feddistill"
+
+    def __post_init__(self) -> None:
+        _check_choice("tracking.backend", self.backend, TRACKING_BACKENDS)
+        if not self.experiment.strip():
+            _fail("tracking.experiment", self.experiment, "a non-empty experiment name")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole run: one instance, shared by the server and (via messages) the clients.
@@ -339,6 +363,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _check_range("rounds", self.rounds, lo=1, hi=100_000)

@@ -63,6 +63,10 @@ RESUMABLE_KEYS = frozenset(
         "server.min-replies",
         "server.local-only",
         "train.device",
+        # Where the figures are tracked, not what is computed: a resume may turn tracking on.
+        "tracking.backend",
+        "tracking.uri",
+        "tracking.experiment",
     }
 )
 

@@ -48,6 +48,7 @@ from feddistill.server.grids import SAMPLER, private_sampling
 from feddistill.server.progress import RoundWatch, WatchedGrid
 from feddistill.server.results import RunRecord, summarize_local_only
 from feddistill.server.tail import TailAverage, window_start
+from feddistill.server.tracking import Tracker
 from feddistill.strategies import CompressedStrategy, build_strategy
 from feddistill.task import InitialModels, initial_models, partitions, server_data
 from feddistill.wire import server_config
@@ -107,11 +108,13 @@ def run_server(grid: Grid, cfg: Config, *, progress: str = "off") -> RunRecord:
     # server keeps to one thread, except where the clients are idle: the evaluation between
     # rounds and the local-only baseline after the last one take every core (2x on 2 cores).
     server_threads = 1 if simulated else torch.get_num_threads()
-    with torch_threads(server_threads):
-        return _run_server(grid, cfg, progress, simulated)
+    with torch_threads(server_threads), Tracker(cfg) as tracker:
+        return _run_server(grid, cfg, progress, simulated, tracker)
 
 
-def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunRecord:
+def _run_server(
+    grid: Grid, cfg: Config, progress: str, simulated: bool, tracker: Tracker
+) -> RunRecord:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     SAMPLER.seed(cfg.seed)  # client sampling (see feddistill.server.grids.private_sampling)
@@ -174,6 +177,7 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
     watch = RoundWatch(cfg.rounds, display=progress)  # sees replies as they arrive
     done, global_arrays, saved_tail = _resume_or_start(cfg, strategy, record, models.init_arrays)
     tail = _tail_average(cfg, done, saved_tail, ckpt_dir, models.names)
+    tracker.start(record, resumed=done > 0)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:  # resumed: the initial model was evaluated before
@@ -199,7 +203,7 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
             }
             save_file(state, str(_checkpoint_path(ckpt_dir, server_round)))
         now = time.time()
-        record.add_round(
+        entry = record.add_round(
             server_round,
             cfg.rounds,
             acc,
@@ -225,6 +229,7 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
         # Only now that the state holds this round may results.json claim it: a run killed in
         # between then resumes from this round, not from the one before.
         record.save()
+        tracker.log_round(entry)  # the very entry results.json holds
         clock["t"] = now
         return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
 
@@ -261,6 +266,7 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
         extra.update({"local_only_accuracy": None})
     extra.update(_cache_usage(cfg, simulated))
     record.finish(**extra)
+    tracker.finish(record.final, student_dir)
     f = record.final
     averaged = ""
     if f.get("averaged_rounds"):

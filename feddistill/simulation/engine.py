@@ -228,6 +228,9 @@ def simulate(
     clients' ``cache-dir`` should be a folder every node sees at the same path
     (docs/ray-cluster.md says what happens otherwise).
     """
+    from feddistill.server.tracking import require_backend
+
+    require_backend(cfg.tracking)  # a missing tracking package: say so before seconds of imports
     offline_environment()
     if cpus_per_client <= 0:
         raise ValueError(f"--cpus-per-client must be > 0, got {cpus_per_client}")
