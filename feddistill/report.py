@@ -126,6 +126,21 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _setting(results: dict[str, Any]) -> dict[str, str]:
+    """What ran, as text; ``?`` for what a hand-made or older results.json leaves out."""
+    config = results.get("config") or {}
+    per_round = config.get("server.clients-per-round")
+    return {
+        "teacher": (results.get("model") or {}).get("teacher", config.get("model.teacher", "?")),
+        "clients": str(config.get("data.num-clients", "?")),
+        "partitioning": str(config.get("data.partitioning", "?")),
+        # 2.0 clients per round as 2, a fraction as 0.1
+        "per_round": f"{per_round:g}" if isinstance(per_round, int | float) else "?",
+        "uplink": str(config.get("compression.uplink", "?")),
+        "downlink": str(config.get("compression.downlink", "?")),
+    }
+
+
 def _status(s: dict[str, Any]) -> str:
     planned = s["rounds_planned"]
     done = f"{s['rounds_done']} of {planned} rounds" if planned else f"{s['rounds_done']} rounds"
@@ -145,8 +160,7 @@ def _output_model(s: dict[str, Any]) -> str:
 def format_markdown(results: dict[str, Any], png_name: str = PNG) -> str:
     """report.md: the key figures, per-class accuracy, and the picture."""
     s = summary(results)
-    config = results.get("config") or {}
-    model = results.get("model") or {}
+    run = _setting(results)
     ratio = " / ".join(
         "—" if r is None else f"{r:.1f}x"
         for r in (s["compression_ratio_up"], s["compression_ratio_down"])
@@ -183,11 +197,9 @@ def format_markdown(results: dict[str, Any], png_name: str = PNG) -> str:
     lines = [
         "# feddistill run report",
         "",
-        f"Run {_status(s)}. Teacher `{model.get('teacher', config.get('model.teacher', '?'))}`,"
-        f" {config.get('data.num-clients', '?')} clients "
-        f"({config.get('data.partitioning', '?')}), {config.get('server.clients-per-round', '?')}"
-        f" per round; uplink `{config.get('compression.uplink', '?')}`, downlink "
-        f"`{config.get('compression.downlink', '?')}`. Accuracy is on the server's test set.",
+        f"Run {_status(s)}. Teacher `{run['teacher']}`, {run['clients']} clients "
+        f"({run['partitioning']}), {run['per_round']} per round; uplink `{run['uplink']}`, "
+        f"downlink `{run['downlink']}`. Accuracy is on the server's test set.",
         "",
         "| figure | value |",
         "|---|---:|",
@@ -224,7 +236,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     s = summary(results)
     rounds = results["rounds"]
     curve = [p for p in accuracy_curve(results) if p["accuracy"] is not None]
-    fig = Figure(figsize=(13, 9.5))
+    fig = Figure(figsize=(13, 10))
     (acc_ax, bytes_acc_ax), (bytes_ax, class_ax) = fig.subplots(2, 2)
     star = {"marker": "*", "ms": 14, "color": "C3", "ls": "none", "zorder": 5}
 
@@ -265,6 +277,9 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             color="gray",
             label=f"local-only students ({fmt_accuracy(s['local_only_accuracy'])})",
         )
+    if results.get("labels"):
+        chance = 1 / len(results["labels"])
+        acc_ax.axhline(chance, color="black", lw=0.6, alpha=0.4, label=f"chance ({chance:.0%})")
     for k in s["resumed_after"]:
         acc_ax.axvline(k, ls="-.", color="C2", lw=1, label=f"resumed after round {k}")
     acc_ax.set_xlabel("round")
@@ -288,7 +303,6 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     for ax in (acc_ax, bytes_acc_ax):
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    acc_ax.legend(fontsize=8, loc="lower right")
 
     # 3. bytes per round, mean per client, up and down
     xs = np.array([r["round"] for r in rounds])
@@ -364,18 +378,20 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
         if per_class and s["final_accuracy"] is not None
         else ""
     )
-    class_ax.set_title(f"per-class accuracy of the output model (test set{overall})")
+    class_ax.set_title(f"per-class accuracy of the output model{overall}")
 
-    model = results.get("model") or {}
-    config = results.get("config") or {}
+    run = _setting(results)
     fig.suptitle(
-        f"{model.get('teacher', config.get('model.teacher', '?'))}: "
-        f"{config.get('data.num-clients', '?')} clients ({config.get('data.partitioning', '?')}), "
-        f"{_status(s)}; final accuracy "
+        f"{run['teacher']}: {run['clients']} clients ({run['partitioning']}), {run['per_round']} "
+        f"per round, up {run['uplink']}, down {run['downlink']}\n{_status(s)}; final accuracy "
         f"{fmt_accuracy(s['final_accuracy']) if s['complete'] else '— (in progress)'}",
         fontsize=11,
     )
-    fig.tight_layout()
+    # Below the panels, as in the bench plot: inside, any spot hides a curve or a reference
+    # line; the top panels share their colours, so one legend serves both.
+    handles, labels = acc_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8.5, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=100)
     os.replace(tmp, path)
