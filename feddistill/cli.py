@@ -160,10 +160,37 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         progress=args.progress,
         ray_address=args.ray_address,
     )
+    _write_report(results, cfg.output_dir, log)
     if not results.get("final") or not results.get("rounds"):
         log.error("the run did not complete; see %s", cfg.output_dir)
         return 1
     log.info("wall time %.0f s", time.time() - started)
+    return 0
+
+
+def _write_report(results: dict[str, Any], out_dir: str, log: logging.Logger) -> None:
+    """The run's picture; a drawing failure is reported, never turned into a failed run."""
+    from feddistill.report import write_report
+
+    try:
+        png, md = write_report(results, Path(out_dir).expanduser().resolve())
+    except Exception as err:  # the run's results are safe in results.json whatever this does
+        log.warning(
+            "could not draw the report (%s: %s); retry: feddistill report %s",
+            type(err).__name__,
+            err,
+            out_dir,
+        )
+        return
+    log.info("report: %s, %s", md, png)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from feddistill.report import load_results, write_report
+
+    results, folder = load_results(args.out)
+    png, md = write_report(results, folder)
+    print(f"{md}\n{png}")
     return 0
 
 
@@ -195,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a whole federated distillation on this machine (or, with "
         "--ray-address, on a running Ray cluster). With no options it "
         "runs the embedded default (offline synthetic corpus, 10 non-IID clients) and writes "
-        "OUT/results.json, OUT/student/ and OUT/checkpoints/.",
+        "OUT/results.json, OUT/student/, OUT/checkpoints/ and the run's picture, "
+        "OUT/report.png and OUT/report.md (redraw with `feddistill report OUT`).",
     )
     for flag, key, typ, help_text in SIMULATE_OPTIONS:
         sim.add_argument(flag, type=typ, default=None, help=f"{help_text} [{key}]")
@@ -236,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower and Ray logs")
     sim.set_defaults(func=cmd_simulate)
+
+    rep = sub.add_parser(
+        "report",
+        help="draw OUT/report.png and OUT/report.md from OUT/results.json",
+        description="Redraw a run's report from its results.json alone: report.png (accuracy "
+        "per round with the output model marked, accuracy against cumulative bytes per client, "
+        "bytes per round up and down, per-class accuracy of the output model) and report.md "
+        "(the key figures and per-class accuracy, embedding the picture). Works on a finished "
+        "run, on one still in progress (it draws the rounds done so far) and on a resumed one. "
+        "`feddistill simulate` writes both at the end of every run.",
+    )
+    rep.add_argument(
+        "out", metavar="OUT", help="a run's output folder (simulate --out), or its results.json"
+    )
+    rep.set_defaults(func=cmd_report)
 
     cfg = sub.add_parser("config", help="list every run-config key with its default")
     cfg.add_argument("--toml", action="store_true", help="print as TOML lines")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -14,7 +16,8 @@ from tests.conftest import tiny_config
 
 
 def test_tiny_federation_end_to_end(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, **{"server.local-only": "on"})
+    # server.average-last = 0: the output model is the last global (per-class counts of its round)
+    cfg = tiny_config(tmp_path, **{"server.local-only": "on", "server.average-last": 0})
     results = simulate(cfg)
 
     out = Path(cfg.output_dir)
@@ -49,6 +52,7 @@ def test_tiny_federation_end_to_end(tmp_path: Path) -> None:
     assert final["accuracy"] == rounds[-1]["accuracy"]
     assert 0.0 <= final["local_only_accuracy"] <= 1.0
     assert final["bytes_up_total"] == sum(r["bytes_up"] for r in rounds)
+    _assert_per_class_agrees(final, results["labels"])
 
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "round-0001.safetensors",
@@ -64,6 +68,16 @@ def test_tiny_federation_end_to_end(tmp_path: Path) -> None:
     # client state lives on disk, one folder per sampled client
     clients = sorted(p.name for p in (out / "cache" / "clients").iterdir())
     assert clients == [f"partition-{i}-of-3" for i in range(3)]
+
+
+def _assert_per_class_agrees(final: dict[str, Any], labels: list[str]) -> None:
+    """Per-class accuracy of the output model, weighted by its test rows, is its accuracy."""
+    counts, per_class = final["per_class_count"], final["per_class_accuracy"]
+    assert list(counts) == list(per_class) == labels
+    rows = sum(counts.values())
+    assert rows > 0
+    weighted = sum(per_class[n] * c for n, c in counts.items() if c) / rows
+    assert weighted == pytest.approx(final["accuracy"], abs=1e-6)  # float32 mean
 
 
 def test_two_runs_of_the_same_config_sample_the_same_clients(tmp_path: Path) -> None:
@@ -94,6 +108,7 @@ def test_two_runs_of_the_same_config_sample_the_same_clients(tmp_path: Path) -> 
         assert final["averaged_rounds"] == [2, 3]
         assert final["last_round_accuracy"] == results["rounds"][-1]["accuracy"]
         assert 0.0 <= final["accuracy"] <= 1.0
+        _assert_per_class_agrees(final, results["labels"])
 
         r2 = load_file(out / "checkpoints" / "round-0002.safetensors")
         exported = load_file(out / "student" / "model.safetensors")

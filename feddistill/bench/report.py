@@ -6,15 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from feddistill.bench.spec import CENTRALIZED, LOCAL_ONLY
+from feddistill.report import fmt_accuracy, fmt_bytes
 from feddistill.server.results import human_bytes
-
-
-def _acc(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.2f}%"
-
-
-def _bytes(x: float | None) -> str:
-    return "—" if x is None else human_bytes(x)
 
 
 def format_table(bench: dict[str, Any]) -> str:
@@ -29,14 +22,15 @@ def format_table(bench: dict[str, Any]) -> str:
     )
     lines = [head]
     for s in bench["scenarios"]:
-        acc = _acc(s["accuracy"])
+        acc = fmt_accuracy(s["accuracy"])
         if s.get("accuracy_std") is not None:
             acc += f" ± {100 * s['accuracy_std']:.2f}"
         secs = "—" if s["seconds"] is None else f"{s['seconds']:.0f}"
         lines.append(
-            f"| {s['name']} | {acc} | {_acc(s.get('eval_accuracy_best'))} | {s['rounds']} | "
-            f"{_bytes(s['bytes_per_client_round'])} | {_bytes(s['bytes_up_total'])} | "
-            f"{_bytes(s['bytes_down_total'])} | {secs} | {s['notes']} |"
+            f"| {s['name']} | {acc} | {fmt_accuracy(s.get('eval_accuracy_best'))} | "
+            f"{s['rounds']} | {fmt_bytes(s['bytes_per_client_round'])} | "
+            f"{fmt_bytes(s['bytes_up_total'])} | {fmt_bytes(s['bytes_down_total'])} | "
+            f"{secs} | {s['notes']} |"
         )
     return "\n".join(lines)
 

@@ -34,6 +34,7 @@ from feddistill.bench.spec import (
 )
 from feddistill.bench.wirecost import dense_exchange_bytes, trainable_arrays
 from feddistill.config import Config, parse_config
+from feddistill.report import accuracy_curve
 from feddistill.task import TextSplit
 
 log = logging.getLogger("feddistill")
@@ -371,14 +372,7 @@ def _traffic(results: dict[str, Any]) -> dict[str, Any]:
     rounds = results["rounds"]
     up = [r["mean_bytes_up_per_client"] for r in rounds]
     down = [r["mean_bytes_down_per_client"] for r in rounds]
-    cumulative = np.cumsum(np.add(up, down)).tolist() if rounds else []
-    curve = [
-        {"round": r["round"], "accuracy": r["accuracy"], "bytes_per_client": c}
-        for r, c in zip(rounds, cumulative, strict=True)
-    ]
-    initial = (results.get("initial") or {}).get("accuracy")
-    if initial is not None:
-        curve.insert(0, {"round": 0, "accuracy": initial, "bytes_per_client": 0.0})
+    curve = accuracy_curve(results)
     n = max(len(rounds), 1)
     final = results["final"]
     return {

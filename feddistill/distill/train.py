@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -284,9 +284,14 @@ def usable_cores() -> int:
 
 @dataclass
 class EvalStats:
+    """``class_correct[c]`` / ``class_rows[c]``: right predictions and rows of true class ``c``
+    (per-class accuracy of the same pass; empty for no rows)."""
+
     loss: float
     accuracy: float
     examples: int
+    class_correct: list[int] = field(default_factory=list)
+    class_rows: list[int] = field(default_factory=list)
 
 
 def evaluate(
@@ -301,8 +306,22 @@ def evaluate(
         return EvalStats(loss=float("nan"), accuracy=float("nan"), examples=0)
     logits = predict_logits(model, data, batch_size=batch_size, device=device, precision=precision)
     loss = float(F.cross_entropy(logits, data.labels))
-    acc = float((logits.argmax(-1) == data.labels).float().mean())
-    return EvalStats(loss=loss, accuracy=acc, examples=len(data))
+    predictions = logits.argmax(-1)
+    acc = float((predictions == data.labels).float().mean())
+    correct, rows = class_counts(predictions, data.labels, logits.shape[1])
+    return EvalStats(
+        loss=loss, accuracy=acc, examples=len(data), class_correct=correct, class_rows=rows
+    )
+
+
+def class_counts(
+    predictions: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[list[int], list[int]]:
+    """Right predictions and rows per true class (``[N]`` class ids each; lists of length
+    ``num_classes``), so per-class accuracy costs no second pass over the data."""
+    rows = torch.bincount(labels, minlength=num_classes)
+    correct = torch.bincount(labels[predictions == labels], minlength=num_classes)
+    return correct.tolist(), rows.tolist()
 
 
 def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -153,6 +153,24 @@ class RunRecord:
         write_json_atomic(self.path, self.to_dict())
 
 
+def per_class_result(
+    class_correct: list[int], class_rows: list[int], names: list[str]
+) -> dict[str, dict[str, Any]]:
+    """``final.per_class_accuracy`` ({label name: accuracy}, ``None`` for a class with no test
+    rows) and ``final.per_class_count`` ({label name: test rows}) from one evaluation's counts."""
+    if not class_rows:
+        return {"per_class_accuracy": None, "per_class_count": None}
+    if len(class_rows) != len(names):
+        raise ValueError(f"{len(class_rows)} per-class counts for {len(names)} labels {names}")
+    return {
+        "per_class_accuracy": {
+            n: (c / t if t else None)
+            for n, c, t in zip(names, class_correct, class_rows, strict=True)
+        },
+        "per_class_count": dict(zip(names, class_rows, strict=True)),
+    }
+
+
 def summarize_local_only(accuracies: list[float]) -> dict[str, float | None]:
     if not accuracies:
         return {"local_only_accuracy": None, "local_only_std": None}

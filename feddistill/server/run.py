@@ -29,6 +29,7 @@ from feddistill.codec import dense_float32_bytes
 from feddistill.config import Config, ConfigError
 from feddistill.distill.train import (
     Encoded,
+    EvalStats,
     encode_texts,
     evaluate,
     pick_device,
@@ -46,7 +47,7 @@ from feddistill.server.checkpoint import (
 )
 from feddistill.server.grids import SAMPLER, private_sampling
 from feddistill.server.progress import RoundWatch, WatchedGrid
-from feddistill.server.results import RunRecord, summarize_local_only
+from feddistill.server.results import RunRecord, per_class_result, summarize_local_only
 from feddistill.server.tail import TailAverage, window_start
 from feddistill.server.tracking import Tracker
 from feddistill.strategies import CompressedStrategy, build_strategy
@@ -174,6 +175,7 @@ def _run_server(
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     clock = {"t": time.time()}
+    last_eval: dict[str, EvalStats] = {}  # the last global's, for its per-class accuracy
     watch = RoundWatch(cfg.rounds, display=progress)  # sees replies as they arrive
     done, global_arrays, saved_tail = _resume_or_start(cfg, strategy, record, models.init_arrays)
     tail = _tail_average(cfg, done, saved_tail, ckpt_dir, models.names)
@@ -190,6 +192,7 @@ def _run_server(
             with torch_threads(eval_threads):
                 stats = evaluate(server_student, test, device=device)
             acc, loss = stats.accuracy, stats.loss
+            last_eval["stats"] = stats
         if server_round == 0:
             record.initial = {
                 "accuracy": acc if test is not None else None,
@@ -253,8 +256,11 @@ def _run_server(
         extra.update(
             _averaged_result(cfg, tail, record, server_student, test, device, eval_threads)
         )
-    else:
+    else:  # the output model is the last global, evaluated in its round: no second pass
         set_arrays(server_student, last)
+        stats = last_eval.get("stats")
+        correct, rows = (stats.class_correct, stats.class_rows) if stats else ([], [])
+        extra.update(per_class_result(correct, rows, list(labels.names)))
     student_dir = out / "student"
     save_student(server_student, models.student_tokenizer, student_dir)
 
@@ -316,8 +322,9 @@ def _averaged_result(
         with torch_threads(threads):
             stats = evaluate(model, test, device=device)
         out.update(accuracy=stats.accuracy, loss=stats.loss)
+        out.update(per_class_result(stats.class_correct, stats.class_rows, record.header["labels"]))
     else:
-        out.update(accuracy=None, loss=None)
+        out.update(accuracy=None, loss=None, per_class_accuracy=None, per_class_count=None)
     log.info(
         "server.average-last = %s: the output model is the average of the globals of rounds %d-%d",
         cfg.server.average_last,

@@ -88,6 +88,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
     (event,) = results["events"]
     assert event["event"] == "resume" and event["from_round"] in (2, 3)
     assert results["final"]["rounds_completed"] == 4
+    # the run's picture, written by `feddistill simulate` at the end, shows the resume
+    assert (killed / "report.png").stat().st_size > 10_000
+    assert f"resumed after round {event['from_round']}" in (killed / "report.md").read_text()
     for name in ("checkpoints/round-0004.safetensors", "student/model.safetensors"):
         got, want = load_file(killed / name), load_file(whole / name)
         assert got.keys() == want.keys()
