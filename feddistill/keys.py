@@ -9,6 +9,7 @@ PAYLOAD = "payload"  # the single uint8 Array inside a compressed ArrayRecord
 RUN_CONFIG = "feddistill.config"  # the flat run config, JSON
 LABELS = "feddistill.labels"  # the run's label names, JSON list
 INIT_DIGEST = "feddistill.init-digest"  # hash of the initial exchanged student weights
+RUN_ID = "feddistill.run-id"  # 8 random bytes naming the run: new for a fresh run, kept on resume
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by FedProx
 

@@ -264,8 +264,17 @@ def initial_models(cfg: Config, labels: Labels) -> InitialModels:
     return InitialModels(teacher, t_tok, student, s_tok, names, arrays, arrays_digest(arrays))
 
 
-def teacher_cache_key(cfg: Config, labels: Labels, train: TextSplit) -> str:
-    """Fine-tuned teachers are reused when teacher, data and hyper-parameters all match."""
+def teacher_cache_key(
+    cfg: Config, labels: Labels, train: TextSplit, *, mutual_run: str = ""
+) -> str:
+    """The key of a cached teacher: every setting that changes its weights is in it.
+
+    Without ``mutual_run``: the fine-tuned teacher (teacher model and ``teacher.*``, seed, labels,
+    data, tokenization, ``train.precision`` of the fine-tuning, torch version). With it: that
+    teacher as run ``mutual_run``'s mutual distillation (``distill.mutual``) has trained it
+    further, which depends on everything that run did, so it belongs to that run alone and is
+    never stored under, or read as, the fine-tuned teacher's key.
+    """
     spec: dict[str, Any] = {
         "teacher": cfg.model.teacher,
         "hp": cfg.teacher.__dict__,
@@ -273,8 +282,11 @@ def teacher_cache_key(cfg: Config, labels: Labels, train: TextSplit) -> str:
         "labels": labels.names,
         "data": train.fingerprint(),
         "max_length": cfg.data.max_length,
+        "precision": cfg.train.precision,
         "torch": torch.__version__.split("+")[0],
     }
+    if mutual_run:
+        spec["mutual"] = {"run": mutual_run}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

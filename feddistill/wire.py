@@ -16,6 +16,7 @@ from feddistill.codec import PayloadError
 
 # A run config is ~2 KB of JSON; anything near this is not one (a zip bomb, a wrong field).
 MAX_RUN_CONFIG_BYTES = 1 << 20
+RUN_ID_BYTES = 8  # random: two runs share an id with probability ~2**-64
 
 
 def payload_record(payload: np.ndarray) -> ArrayRecord:
@@ -33,13 +34,38 @@ def message_bytes(msg: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg.content).values())
 
 
-def server_config(cfg_json: str, label_names: Sequence[str], init_digest: str) -> dict[str, Any]:
-    """The ConfigRecord entries every server message carries (the bench sizes the same ones)."""
+def server_config(
+    cfg_json: str, label_names: Sequence[str], init_digest: str, run_id: bytes
+) -> dict[str, Any]:
+    """The ConfigRecord entries every server message carries (the bench sizes the same ones).
+
+    ``run_id`` (:data:`RUN_ID_BYTES` bytes) scopes what clients keep between rounds
+    (error-feedback residuals, a mutually trained teacher) to this run: a new run in the same
+    cache folder never continues an earlier run's state.
+    """
+    if len(run_id) != RUN_ID_BYTES:
+        raise ValueError(f"run id must be {RUN_ID_BYTES} bytes, got {len(run_id)}")
     return {
         keys.RUN_CONFIG: pack_run_config(cfg_json),
         keys.LABELS: json.dumps(list(label_names)),
         keys.INIT_DIGEST: init_digest,
+        keys.RUN_ID: bytes(run_id),
     }
+
+
+def unpack_run_id(value: object) -> str:
+    """The run id a client received, as hex; "" when the server sent none (an older server).
+
+    Raises:
+        PayloadError: ("config") a value that is not :data:`RUN_ID_BYTES` bytes.
+    """
+    if value is None:
+        return ""
+    if not isinstance(value, bytes) or len(value) != RUN_ID_BYTES:
+        raise PayloadError(
+            "config", f"{keys.RUN_ID} must be {RUN_ID_BYTES} bytes, got {value!r:.40}"
+        )
+    return value.hex()
 
 
 def pack_run_config(cfg_json: str) -> bytes:

@@ -205,12 +205,12 @@ def test_shared_cache_keeps_teachers_but_not_residuals_between_scenarios(tmp_pat
 
     state = ClientState.open(tmp_path, "partition-0-of-2")
     state.save_teacher("k", {"w": torch.ones(2)}, torch.zeros(3, 2))
-    state.save_residual({"w": np.ones(2, np.float32)}, server_round=3)
+    state.save_residual({"w": np.ones(2, np.float32)}, server_round=3, run="ab")
 
     # Execute
     dropped = _drop_residuals(tmp_path)
 
     # Assert: the next scenario's round 5 finds no residual, the teacher is still cached
     assert dropped == 1
-    assert state.load_residual([("w", (2,))], before_round=5) == {}
+    assert state.load_residual([("w", (2,))], before_round=5, run="ab") == {}
     assert state.load_teacher("k") is not None

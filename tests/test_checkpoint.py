@@ -24,15 +24,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from feddistill import keys
 from feddistill.client.state import ClientState
 from feddistill.codec import encode, parse_spec
-from feddistill.config import ConfigError, parse_config
+from feddistill.config import STRATEGIES, ConfigError, parse_config
 from feddistill.data import DataError
 from feddistill.server.checkpoint import (
     ReproducibleGrid,
     ServerState,
-    capture_strategy,
     load_state,
     restore,
-    restore_strategy,
     save_state,
     snapshot,
     state_path,
@@ -40,6 +38,7 @@ from feddistill.server.checkpoint import (
 from feddistill.server.grids import SAMPLER
 from feddistill.server.results import RunRecord
 from feddistill.strategies import CompressedStrategy
+from feddistill.strategies.state import load_strategy_state_dict
 from feddistill.task import parse_labels
 from feddistill.wire import payload_record
 
@@ -112,8 +111,8 @@ def test_restored_strategy_continues_like_the_original(
     global_now = {n: arrays[n].numpy() for n in arrays}
     SAMPLER.seed(7)
     save_state(state_path(tmp_path), snapshot(2, global_now, original, record))
-    saved = capture_strategy(original.inner)
-    assert saved  # FedAdam m_t, v_t, current_arrays / FedAvgM momentum_vector, current_arrays
+    saved = original.state_dict()["inner"]
+    assert all(v is not None for v in saved.values())  # FedAdam m_t, v_t, ... / FedAvgM ...
     expected_random = SAMPLER.random()
 
     # Execute: a fresh wrapper restored from the file, then round 3 on both
@@ -162,7 +161,7 @@ def test_state_file_keeps_dtypes_and_is_replaced_atomically(tmp_path: Path) -> N
     assert {n: a.dtype for n, a in state.global_arrays.items()} == {"a": "float32", "b": "float64"}
     assert [p.name for p in path.parent.iterdir()] == ["server.npz"]  # no temp files left
     assert load_state(tmp_path / "none.npz") is None
-    restore_strategy(FedAvg(), {})  # nothing captured, nothing to set
+    load_strategy_state_dict(FedAvg(), {})  # declared stateless: nothing to set
 
 
 def test_reply_sent_but_never_answered_is_a_failure_of_that_node() -> None:
@@ -219,18 +218,19 @@ def test_reproducible_grid_sorts_node_ids_and_replies() -> None:
 def test_residual_of_a_redone_round_is_the_one_before_it(tmp_path: Path) -> None:
     state = ClientState.open(tmp_path, "client")
     value = lambda x: {"layer.bias": np.full(3, x, np.float32)}  # noqa: E731
-    assert state.load_residual([("layer.bias", (3,))], before_round=1) == {}
+    assert state.load_residual([("layer.bias", (3,))], before_round=1, run="a1") == {}
     for r in (1, 2, 3):
-        state.save_residual(value(r), r)
+        state.save_residual(value(r), r, run="a1")
     # Round 3 was trained, then the server died and redoes round 3: it gets round 2's residual.
-    assert state.load_residual([("layer.bias", (3,))], before_round=3)["layer.bias"][0] == 2
+    residual = state.load_residual([("layer.bias", (3,))], before_round=3, run="a1")
+    assert residual["layer.bias"][0] == 2
     assert sorted(p.name for p in state.root.glob("residual-*")) == [
-        "residual-000002.npz",
-        "residual-000003.npz",
+        "residual-a1-000002.npz",
+        "residual-a1-000003.npz",
     ]
-    assert state.load_residual([("layer.bias", (4,))], before_round=9) == {}  # other model
-    state.save_residual(value(10), 1)  # a fresh run in an old cache drops the later rounds
-    assert sorted(p.name for p in state.root.glob("residual-*")) == ["residual-000001.npz"]
+    assert state.load_residual([("layer.bias", (4,))], before_round=9, run="a1") == {}  # model
+    state.save_residual(value(10), 1, run="a1")  # a redone round 1 drops the later rounds
+    assert sorted(p.name for p in state.root.glob("residual-*")) == ["residual-a1-000001.npz"]
 
 
 @pytest.mark.parametrize(
@@ -241,3 +241,155 @@ def test_data_labels_are_validated(text: str, message: str) -> None:
     with pytest.raises(DataError, match=rf"data.labels={text!r}.*{message}"):
         parse_labels(text)
     assert parse_labels(" World , Sci/Tech ").names == ("World", "Sci/Tech")
+
+
+def _differs(a: object, b: object) -> bool:
+    """Whether two attribute values differ (arrays, records and containers by content)."""
+    if isinstance(a, ArrayRecord) or isinstance(b, ArrayRecord):
+        a = None if a is None else {k: v.numpy() for k, v in a.items()}  # type: ignore[union-attr]
+        b = None if b is None else {k: v.numpy() for k, v in b.items()}  # type: ignore[union-attr]
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or not np.array_equal(
+            a, b
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() != b.keys() or any(_differs(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b, strict=True))
+    return a is not b and a != b
+
+
+NODES = (1, 2, 3, 4, 5, 6, 7)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_offered_strategy_resumes_bit_for_bit(name: str, tmp_path: Path) -> None:
+    # Prepare: two rounds of the strategy as the factory builds it, then a checkpoint file
+    from feddistill.strategies import inner_strategy
+    from feddistill.strategies.state import declared_fields
+
+    cfg = parse_config({"server.strategy": name, "server.clients-per-round": len(NODES)})
+    rng = np.random.default_rng(5)
+    initial = _arrays(rng)
+    original = _wrapper(inner_strategy(cfg, len(NODES)), initial, "topk:0.3+q8+ef")
+    arrays = ArrayRecord({n: Array(a) for n, a in initial.items()})
+    for r in (1, 2):
+        arrays = _round(original, r, arrays, rng, NODES)[1]
+    record = RunRecord(out_dir=tmp_path, config=cfg.to_flat(), header={})
+    save_state(
+        state_path(tmp_path), snapshot(2, {n: arrays[n].numpy() for n in arrays}, original, record)
+    )
+
+    # Execute: a freshly built wrapper restored from the file; round 3 on both
+    state = load_state(state_path(tmp_path))
+    assert state is not None
+    resumed = _wrapper(inner_strategy(cfg, len(NODES)), initial, "topk:0.3+q8+ef")
+    restore(state, cfg.with_overrides({"resume": True}), resumed, record)
+    restored = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
+    _, want = _round(original, 3, arrays, np.random.default_rng(1), NODES)
+    _, got = _round(resumed, 1, restored, np.random.default_rng(1), NODES)
+
+    # Assert: the same global, and every attribute the rounds changed is declared state
+    for key, _ in SCHEMA:
+        np.testing.assert_array_equal(got[key].numpy(), want[key].numpy())
+    fresh = vars(inner_strategy(cfg, len(NODES)))
+    changed = {k for k, v in vars(original.inner).items() if _differs(fresh.get(k), v)}
+    assert changed <= set(declared_fields(original.inner)), name
+
+
+class _Counting(FedAvg):
+    """A strategy with state its class does not declare (a round counter that scales steps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds_seen = 0
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        self.rounds_seen += 1
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        return ArrayRecord(
+            {k: Array(a.numpy() / self.rounds_seen) for k, a in arrays.items()}
+        ), metrics
+
+
+def test_a_strategy_with_undeclared_state_is_refused_not_saved_without_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    initial = _arrays(rng)
+    wrapper = _wrapper(_Counting(), initial)
+    _round(wrapper, 1, ArrayRecord({n: Array(a) for n, a in initial.items()}), rng)
+    record = RunRecord(out_dir=tmp_path, config=parse_config({}).to_flat(), header={})
+
+    with pytest.raises(TypeError, match=r"_Counting declares no resume state"):
+        snapshot(1, initial, wrapper, record)
+
+
+class _Damped(Strategy):
+    """A wrapper of the kind a robust aggregator adds: an inner strategy plus scalar state it
+    adapts every round. It declares both, nesting the inner strategy's state."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.step = 1.0
+
+    def state_dict(self) -> dict:
+        from feddistill.strategies.state import strategy_state_dict
+
+        return {"step": self.step, "inner": strategy_state_dict(self.inner)}
+
+    def load_state_dict(self, state) -> None:  # type: ignore[no-untyped-def]
+        from feddistill.strategies.state import load_strategy_state_dict
+
+        self.step = float(state["step"])
+        load_strategy_state_dict(self.inner, state["inner"])
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        self.step *= 0.5
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        return ArrayRecord(
+            {k: Array(a.numpy() * (1 + self.step)) for k, a in arrays.items()}
+        ), metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):  # type: ignore[no-untyped-def]
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+
+def test_a_wrapped_inner_strategy_and_scalar_state_survive_the_checkpoint(tmp_path: Path) -> None:
+    # Prepare: FedAdam inside a wrapper with a scalar step, two rounds, a checkpoint file
+    rng = np.random.default_rng(7)
+    initial = _arrays(rng)
+    make = lambda: _Damped(FedAdam(eta=0.1))  # noqa: E731
+    original = _wrapper(make(), initial)
+    arrays = ArrayRecord({n: Array(a) for n, a in initial.items()})
+    for r in (1, 2):
+        arrays = _round(original, r, arrays, rng)[1]
+    record = RunRecord(out_dir=tmp_path, config=parse_config({}).to_flat(), header={})
+    save_state(
+        state_path(tmp_path), snapshot(2, {n: arrays[n].numpy() for n in arrays}, original, record)
+    )
+
+    # Execute
+    state = load_state(state_path(tmp_path))
+    assert state is not None
+    resumed = _wrapper(make(), initial)
+    restore(state, parse_config({"resume": True}), resumed, record)
+    restored = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
+    _, want = _round(original, 3, arrays, np.random.default_rng(1))
+    _, got = _round(resumed, 1, restored, np.random.default_rng(1))
+
+    # Assert: the nested FedAdam moments and the scalar came back: the same round 3
+    assert resumed.inner.step == original.inner.step
+    for key, _ in SCHEMA:
+        np.testing.assert_array_equal(got[key].numpy(), want[key].numpy())

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from feddistill.client.state import ClientState, folder_bytes
@@ -62,7 +63,7 @@ def test_zero_budget_means_unbounded(tmp_path: Path) -> None:
 
 def test_residuals_are_never_evicted(tmp_path: Path) -> None:
     other = ClientState.open(tmp_path, "other")
-    other.save_residual({"w": np.ones(4, dtype=np.float32)}, 1)
+    other.save_residual({"w": np.ones(4, dtype=np.float32)}, 1, run="a1")
     _teacher(tmp_path, "other", used=100)
     me = ClientState.open(tmp_path, "me")
     me.save_teacher("k", {"w": torch.zeros(1000)}, None)
@@ -70,7 +71,9 @@ def test_residuals_are_never_evicted(tmp_path: Path) -> None:
     me.enforce_teacher_budget(1)
 
     assert _teachers(tmp_path) == {"me"}
-    np.testing.assert_array_equal(other.load_residual(SCHEMA, before_round=2)["w"], np.ones(4))
+    np.testing.assert_array_equal(
+        other.load_residual(SCHEMA, before_round=2, run="a1")["w"], np.ones(4)
+    )
 
 
 def test_loading_a_teacher_marks_it_recently_used(tmp_path: Path) -> None:
@@ -139,3 +142,32 @@ def test_downlink_cache_keeps_the_newest_versions_of_its_chain(tmp_path: Path) -
     assert found is not None and found[0] == 5 and found[1]["w"][0] == 5
     assert cache.newest("abcd", 1, 3) is None  # pruned
     assert cache.newest("other", 0, 9) is None
+
+
+def test_residuals_are_scoped_to_their_run_and_other_runs_files_are_removed(
+    tmp_path: Path,
+) -> None:
+    # Prepare: run "a1" saved rounds 1-2; an older version left an unscoped residual file
+    state = ClientState.open(tmp_path, "client")
+    for r in (1, 2):
+        state.save_residual({"w": np.full(4, r, np.float32)}, r, run="a1")
+    np.save(state.root / "residual-000001.npy", np.ones(1))  # not ours: left alone
+    legacy = state.root / "residual-000002.npz"
+    np.savez(legacy, w=np.ones(4, np.float32))
+
+    # Execute: a new run "b2" in the same cache folder reaches its round 3
+    before = state.load_residual(SCHEMA, before_round=3, run="b2")
+    state.save_residual({"w": np.full(4, 7, np.float32)}, 3, run="b2")
+
+    # Assert: it started from no residual, and only its own file is left
+    assert before == {}
+    assert sorted(p.name for p in state.root.glob("residual-*.npz")) == ["residual-b2-000003.npz"]
+    assert state.load_residual(SCHEMA, before_round=9, run="a1") == {}
+    np.testing.assert_array_equal(state.load_residual(SCHEMA, 9, run="b2")["w"], np.full(4, 7))
+
+
+def test_a_run_id_that_could_name_another_folder_is_refused(tmp_path: Path) -> None:
+    state = ClientState.open(tmp_path, "client")
+    for bad in ("", "../x", "AB", "a" * 65):
+        with pytest.raises(ValueError, match="run id"):
+            state.save_residual({"w": np.zeros(4, np.float32)}, 1, run=bad)

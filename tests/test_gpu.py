@@ -39,7 +39,7 @@ def test_client_round_on_cuda_in_bf16_leaves_no_gpu_memory_behind(tmp_path: Path
     torch.cuda.reset_peak_memory_stats()
 
     # Execute: two clients in a row, as one worker serves them
-    inp = RoundInput(cfg, labels, models.digest, payload, 1)
+    inp = RoundInput(cfg, labels, models.digest, payload, 1, run_id="a1")
     _, first = train_round(inp, {"partition-id": 0})
     after_first = torch.cuda.memory_allocated()
     _, second = train_round(inp, {"partition-id": 1})

@@ -29,6 +29,7 @@ from feddistill.task import source_splits
 from tests.conftest import tiny_config
 
 NUM_CLIENTS, PER_ROUND, ROUNDS = 30, 10, 3
+RUN = "0123456789abcdef"  # the run id a server would send
 BUDGET_MB = 0.5  # a micro teacher is ~160 KB: about three fit
 
 
@@ -78,9 +79,9 @@ def test_client_state_round_trips_through_disk_under_a_teacher_budget(
     real_load = ClientState.load_residual
 
     def spy(
-        self: ClientState, schema: list[tuple[str, tuple[int, ...]]], before_round: int
+        self: ClientState, schema: list[tuple[str, tuple[int, ...]]], before_round: int, *, run
     ) -> dict[str, np.ndarray]:
-        arrays = real_load(self, schema, before_round)
+        arrays = real_load(self, schema, before_round, run=run)
         loads.append((self.root.name, before_round, arrays))
         return arrays
 
@@ -92,7 +93,7 @@ def test_client_state_round_trips_through_disk_under_a_teacher_budget(
 
     # Execute / Assert, client by client
     for server_round in range(1, ROUNDS + 1):
-        inp = RoundInput(cfg, labels, models.digest, payload, server_round)
+        inp = RoundInput(cfg, labels, models.digest, payload, server_round, run_id=RUN)
         for pid in rng.sample(range(NUM_CLIENTS), PER_ROUND):
             key = f"partition-{pid}-of-{NUM_CLIENTS}"
             state = ClientState.open(cache, key)
@@ -111,7 +112,7 @@ def test_client_state_round_trips_through_disk_under_a_teacher_budget(
                     np.testing.assert_array_equal(used[name], saved[key][name])
             else:
                 assert used == {}
-            after = real_load(state, models.schema, server_round + 1)
+            after = real_load(state, models.schema, server_round + 1, run=RUN)
             assert after and any(np.any(a != 0) for a in after.values())
             saved[key] = after
 
@@ -126,7 +127,7 @@ def test_client_state_round_trips_through_disk_under_a_teacher_budget(
 
     # Every sampled client still has its residual (never evicted) and teachers were evicted.
     for key, residual in saved.items():
-        stored = real_load(ClientState.open(cache, key), models.schema, ROUNDS + 1)
+        stored = real_load(ClientState.open(cache, key), models.schema, ROUNDS + 1, run=RUN)
         for name in residual:
             np.testing.assert_array_equal(stored[name], residual[name])
     teachers = sum(1 for _ in (cache / "clients").glob("*/teacher-*"))

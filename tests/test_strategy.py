@@ -287,3 +287,90 @@ def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(tmp
     # while in round 2 node 1 needed version 1 only.
     assert chain.node_version == {1: 4, 2: 4, 3: 4}
     assert down[1][1] < down[2][1] < down[4][2] == down[4][3]
+
+
+def test_node_left_on_a_version_the_resumed_server_rebuilt_differently_gets_the_whole_model(
+    tmp_path,
+) -> None:
+    """A crash during federated evaluation: the node cached the version made for that
+    evaluation, the server resumes from the round before and makes that version again from
+    another global. The node must refuse with a named reason (never train from a model the
+    server never sent), and the server must then send it the whole model."""
+    import copy
+    from types import SimpleNamespace
+
+    from feddistill.client.app import _error_reply
+    from feddistill.client.work import received_arrays
+    from feddistill.codec import PayloadError
+    from feddistill.config import parse_config
+
+    # Prepare: one node; round 1 trained and evaluated, then the checkpoint
+    rng = np.random.default_rng(9)
+    big = [("w", (64, 32)), ("b", (32,))]
+    initial = _arrays(rng, schema=big)
+    spec = "topk:0.2+q8+ef"
+    cfg = parse_config({"compression.downlink": spec})
+    models = SimpleNamespace(schema=big, names=[n for n, _ in big], init_arrays=initial)
+    node_cache = tmp_path / "node"
+
+    def wrapper_for() -> CompressedStrategy:
+        return CompressedStrategy(
+            FedAvg(), schema=big, initial=initial, uplink=parse_spec("none"),
+            downlink=parse_spec(spec), max_payload_bytes=1 << 20,
+        )  # fmt: skip
+
+    def send(wrapper, r, global_w, kind=MessageType.TRAIN) -> tuple[Message, np.ndarray]:
+        record = ArrayRecord({n: Array(a) for n, a in global_w.items()})
+        request = Message(
+            RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=1, message_type=kind
+        )
+        (msg,) = wrapper._compress_messages(r, [request], record, {})
+        return msg, msg.content[keys.ARRAYS][keys.PAYLOAD].numpy()
+
+    def train_reply(wrapper, r, msg) -> dict[str, np.ndarray]:
+        delta = _arrays(rng, 0.05, big)
+        reply = _reply(1, payload_record(encode(delta, parse_spec("none")).payload), 10)
+        new, _ = wrapper.aggregate_train(r, [reply])
+        return {n: new[n].numpy() for n, _ in big}
+
+    def evaluated(wrapper, r, msg) -> None:
+        metrics = MetricRecord({keys.NUM_EXAMPLES: 10, "eval-accuracy": 0.5})
+        wrapper.aggregate_evaluate(r, [Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)])
+
+    server = wrapper_for()
+    msg, payload = send(server, 1, initial)
+    received_arrays(models, cfg, payload, node_cache)
+    global_1 = train_reply(server, 1, msg)
+    msg, payload = send(server, 1, global_1, MessageType.EVALUATE)
+    received_arrays(models, cfg, payload, node_cache)
+    evaluated(server, 1, msg)
+    checkpoint = copy.deepcopy(server.chain)
+
+    # round 2 trains and its evaluation reaches the node; then the server is killed
+    msg, payload = send(server, 2, global_1)
+    received_arrays(models, cfg, payload, node_cache)
+    global_2 = train_reply(server, 2, msg)
+    _, payload = send(server, 2, global_2, MessageType.EVALUATE)
+    received_arrays(models, cfg, payload, node_cache)
+
+    # Execute: the resumed server redoes round 2; its global differs (another reply)
+    resumed = wrapper_for()
+    resumed.chain = checkpoint
+    msg, payload = send(resumed, 2, global_1)
+    received_arrays(models, cfg, payload, node_cache)
+    global_2b = train_reply(resumed, 2, msg)
+    msg, payload = send(resumed, 2, global_2b, MessageType.EVALUATE)
+    with pytest.raises(PayloadError) as info:
+        received_arrays(models, cfg, payload, node_cache)
+    resumed.aggregate_evaluate(2, [_error_reply(msg, info.value)])
+
+    # Assert: a named refusal; the next message carries the whole model and the node holds it
+    assert info.value.check == "chain-digest"
+    assert resumed.traffic[2].eval_failures[0][1].startswith("PayloadError: [chain-digest]")
+    _, payload = send(resumed, 3, global_2b)
+    from feddistill.codec.chain import unpack_chain
+
+    assert unpack_chain(payload, max_payload_bytes=1 << 20).base is not None
+    got = received_arrays(models, cfg, payload, node_cache)
+    for name, _ in big:
+        np.testing.assert_array_equal(got[name], resumed.chain.broadcast[name])

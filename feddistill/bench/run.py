@@ -335,10 +335,12 @@ class Runner:
 
     # -- bytes only ----------------------------------------------------------------------------
     def teacher_fp32(self) -> dict[str, Any]:
-        from feddistill.wire import server_config
+        from feddistill.wire import RUN_ID_BYTES, server_config
 
         arrays = trainable_arrays(self.models.teacher)
-        config = server_config(self.cfg.to_json(), self.data["labels"], self.models.digest)
+        config = server_config(
+            self.cfg.to_json(), self.data["labels"], self.models.digest, bytes(RUN_ID_BYTES)
+        )
         cost = dense_exchange_bytes(arrays, config)
         return _entry(
             TEACHER_FP32,

@@ -19,7 +19,7 @@ from feddistill.codec import PayloadError
 from feddistill.config import ConfigError, config_from_json
 from feddistill.data import DataError
 from feddistill.models.build import Labels, ModelError
-from feddistill.wire import payload_record, unpack_run_config
+from feddistill.wire import payload_record, unpack_run_config, unpack_run_id
 
 _MOD_FAILED_PRECONDITION = 6  # flwr.common.constant.ErrorCode.MOD_FAILED_PRECONDITION
 # OSError: a missing or unreadable file or cache folder on the device (FileNotFoundError,
@@ -45,6 +45,7 @@ def unpack(msg: Message) -> RoundInput:
         payload=array.numpy(),
         server_round=int(config.get(keys.SERVER_ROUND, 0)),
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+        run_id=unpack_run_id(config.get(keys.RUN_ID)),
     )
 
 

@@ -5,14 +5,20 @@ Layout under the node cache folder (``cache-dir`` in node config, else the run's
     clients/<client-key>/
         teacher-<hash>/model.safetensors   fine-tuned teacher, keyed by teacher+data+hyper-params
         teacher-<hash>/logits.pt           its logits on the client's training split
-        residual-<round>.npz               error-feedback residual of the uplink codec after
-                                           that server round (the last two are kept)
+        teacher-<hash>/                    with distill.mutual: the teacher as this run's
+                                           mutual distillation left it (its own key, never
+                                           the fine-tuned teacher's)
+        residual-<run>-<round>.npz         error-feedback residual of the uplink codec after
+                                           that server round of run <run> (the run id the
+                                           server sends); the last two of the current run are
+                                           kept, other runs' are deleted
 
 In simulation many virtual clients share one host, so the folder is created only when a client is
 first sampled and nothing about it stays in RAM between rounds: memory depends on the clients
 active at once, not on the total number of clients. Disk is bounded by ``cache.max-mb``: after a
 client saves its teacher, :meth:`ClientState.enforce_teacher_budget` evicts other clients' least
 recently used teachers (a teacher's folder mtime is its last use); residuals are never evicted.
+See docs/state.md for what outlives a round and how it is scoped to its run.
 Several workers may share one cache folder, so every scan tolerates files vanishing under it.
 """
 
@@ -33,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from feddistill.codec import load_arrays, save_arrays
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_RUN = re.compile(r"[0-9a-f]{1,64}")
 
 
 def _atomic_replace(tmp: Path, final: Path) -> None:
@@ -80,11 +87,21 @@ class ClientState:
         return logits
 
     def save_teacher(
-        self, key: str, state: dict[str, torch.Tensor], logits: torch.Tensor | None
+        self,
+        key: str,
+        state: dict[str, torch.Tensor],
+        logits: torch.Tensor | None,
+        *,
+        keep: tuple[str, ...] = (),
     ) -> None:
-        """Write to a temp folder then rename, so a killed client never leaves half a teacher."""
+        """Write to a temp folder then rename, so a killed client never leaves half a teacher.
+
+        This client's other teachers are removed, except those under the keys in ``keep`` (a
+        mutually trained teacher keeps the fine-tuned teacher it started from).
+        """
+        wanted = {f"teacher-{k}" for k in (key, *keep)}
         for stale in self.root.glob("teacher-*"):
-            if stale.name != f"teacher-{key}":
+            if stale.name not in wanted:
                 shutil.rmtree(stale, ignore_errors=True)  # data or hyper-params changed
         tmp = self.root / f".tmp-teacher-{key}-{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -130,49 +147,67 @@ class ClientState:
         return freed
 
     # -- error-feedback residual --------------------------------------------------------------
-    # One file per server round: when the server dies mid-round and resumes, the redone round
-    # must start from the residual before it, not from the one this client already advanced.
-    def residual_path(self, server_round: int) -> Path:
-        return self.root / f"residual-{server_round:06d}.npz"
+    # One file per run and server round. Per round: when the server dies mid-round and resumes,
+    # the redone round must start from the residual before it, not from the one this client
+    # already advanced. Per run: a new run in the same cache folder (the same client keys) must
+    # start from no residual, never from what an earlier run left.
+    def residual_path(self, server_round: int, *, run: str) -> Path:
+        return self.root / f"residual-{_run_name(run)}-{server_round:06d}.npz"
 
-    def _residual_rounds(self) -> list[int]:
-        rounds = []
+    def _residuals(self) -> list[tuple[str, int, Path]]:
+        """(run, round, path) of every residual file; run "" for files of the unscoped layout
+        (``residual-<round>.npz``) that older versions wrote."""
+        found = []
         for path in self.root.glob("residual-*.npz"):
-            suffix = path.stem.removeprefix("residual-")
-            if suffix.isdigit():
-                rounds.append(int(suffix))
-        return sorted(rounds)
+            parts = path.stem.removeprefix("residual-").rsplit("-", 1)
+            if len(parts) == 1 and parts[0].isdigit():
+                found.append(("", int(parts[0]), path))
+            elif len(parts) == 2 and parts[1].isdigit():
+                found.append((parts[0], int(parts[1]), path))
+        return sorted(found)
 
     def load_residual(
-        self, schema: list[tuple[str, tuple[int, ...]]], before_round: int
+        self, schema: list[tuple[str, tuple[int, ...]]], before_round: int, *, run: str
     ) -> dict[str, np.ndarray]:
-        """The residual saved in the latest round < ``before_round``, or {} if there is none or
-        it is from a model with another schema."""
-        earlier = [r for r in self._residual_rounds() if r < before_round]
+        """The residual run ``run`` saved in its latest round < ``before_round``, or {} if there
+        is none or it is from a model with another schema. Other runs' files are never read."""
+        name = _run_name(run)
+        earlier = [r for rr, r, _ in self._residuals() if rr == name and r < before_round]
         if not earlier:
             return {}
         try:
-            arrays = load_arrays(self.residual_path(earlier[-1]))
+            arrays = load_arrays(self.residual_path(earlier[-1], run=run))
         except FileNotFoundError:
             return {}
         if not arrays or {n: tuple(a.shape) for n, a in arrays.items()} != dict(schema):
             return {}
         return arrays
 
-    def save_residual(self, residual: dict[str, np.ndarray], server_round: int) -> None:
+    def save_residual(
+        self, residual: dict[str, np.ndarray], server_round: int, *, run: str
+    ) -> None:
         """Save the residual left after ``server_round``; keep only it and the one before it.
 
-        Files of later rounds are from an abandoned run (or a redone round) and are dropped.
+        Files of later rounds are from a redone round and are dropped; so is every file of
+        another run: a client holds at most two residuals, whatever the number of runs.
         """
-        save_arrays(self.residual_path(server_round), residual)
-        earlier = [r for r in self._residual_rounds() if r < server_round]
-        keep = {server_round, *earlier[-1:]}
-        for r in self._residual_rounds():
-            if r not in keep:
-                self.residual_path(r).unlink(missing_ok=True)
+        name = _run_name(run)
+        save_arrays(self.residual_path(server_round, run=run), residual)
+        mine = [r for rr, r, _ in self._residuals() if rr == name and r < server_round]
+        keep = {server_round, *mine[-1:]}
+        for rr, r, path in self._residuals():
+            if rr != name or r not in keep:
+                path.unlink(missing_ok=True)
 
     def disk_bytes(self) -> int:
         return folder_bytes(self.root)
+
+
+def _run_name(run: str) -> str:
+    """A run id as it appears in file names; refuses what could escape the folder."""
+    if not _RUN.fullmatch(run):
+        raise ValueError(f"run id must be 1-64 lowercase hex digits, got {run!r}")
+    return run
 
 
 def folder_bytes(folder: Path) -> int:
@@ -227,6 +262,12 @@ class DownlinkCache:
             if arrays:
                 return version, arrays
         return None
+
+    def drop(self, chain: str) -> None:
+        """Forget every version of ``chain`` held here (one of them is not what the server
+        sent, see :func:`feddistill.codec.chain.apply_chain`): the node restarts from version 0."""
+        for version in self._versions(chain):
+            self._path(chain, version).unlink(missing_ok=True)
 
     def save(self, chain: str, version: int, arrays: dict[str, np.ndarray]) -> None:
         save_arrays(self._path(chain, version), arrays)

@@ -21,9 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from feddistill import keys
 from feddistill.client.state import ClientState, DownlinkCache
-from feddistill.codec import decode, encode, parse_spec, residual_after, with_residual
-from feddistill.codec.chain import apply_chain, unpack_chain
+from feddistill.codec import (
+    PayloadError,
+    decode,
+    encode,
+    parse_spec,
+    residual_after,
+    with_residual,
+)
+from feddistill.codec.chain import DIGEST_CHECK, apply_chain, unpack_chain
 from feddistill.config import Config, parse_config
 from feddistill.distill.train import (
     Encoded,
@@ -61,6 +69,7 @@ class RoundInput:
     payload: np.ndarray
     server_round: int
     proximal_mu: float = 0.0
+    run_id: str = ""  # hex; scopes residuals and a mutually trained teacher to the run
 
 
 @dataclass
@@ -145,7 +154,15 @@ def received_arrays(
                 f"which is not in this node's cache ({cache.root}); the server sends the "
                 "whole model next time"
             )
-    arrays = apply_chain(msg, start, held, models.schema, max_payload_bytes=limit)
+    try:
+        arrays = apply_chain(msg, start, held, models.schema, max_payload_bytes=limit)
+    except PayloadError as err:
+        if err.check == DIGEST_CHECK:
+            # What this node holds is not the version the server continues (e.g. a version
+            # made before the server crashed and rebuilt differently after it resumed): drop
+            # the chain here; the error reply makes the server send the whole model next.
+            cache.drop(chain)
+        raise
     if msg.target != held:
         cache.save(chain, msg.target, arrays)
     return arrays
@@ -159,13 +176,26 @@ def ensure_teacher(
     state: ClientState,
     t_train: Encoded,
     device: torch.device,
+    *,
+    mutual_run: str = "",
 ) -> tuple[torch.nn.Module | None, torch.Tensor | None, bool]:
     """(teacher, its logits on the training split, whether it was fitted now).
 
     Without mutual distillation a cached teacher is represented by its logits alone (teacher
-    None): they are all the distillation loss needs.
+    None): they are all the distillation loss needs. With it and ``mutual_run``, the teacher as
+    that run's earlier rounds left it, else (first round, or no run: the local-only baseline)
+    the fine-tuned teacher, which mutual training never overwrites (see
+    :func:`feddistill.task.teacher_cache_key`).
     """
     key = teacher_cache_key(cfg, labels, data.train)
+    if cfg.distill.mutual and mutual_run:
+        co_trained = state.load_teacher(
+            teacher_cache_key(cfg, labels, data.train, mutual_run=mutual_run)
+        )
+        if co_trained is not None:
+            teacher = copy.deepcopy(models.teacher)
+            teacher.load_state_dict(co_trained[0])
+            return teacher, None, False
     if not cfg.distill.mutual:
         logits = state.load_logits(key)
         if logits is not None and len(logits) == len(t_train):
@@ -232,6 +262,8 @@ def teacher_for_round(
     state: ClientState,
     t_train: Encoded,
     device: torch.device,
+    *,
+    mutual_run: str = "",
 ) -> tuple[torch.nn.Module | None, torch.Tensor | None, bool]:
     """Like :func:`ensure_teacher`, but no teacher at all when the KD term has zero weight.
 
@@ -240,7 +272,7 @@ def teacher_for_round(
     """
     if cfg.distill.alpha >= 1.0 and not cfg.distill.mutual:
         return None, None, False
-    return ensure_teacher(cfg, labels, models, data, state, t_train, device)
+    return ensure_teacher(cfg, labels, models, data, state, t_train, device, mutual_run=mutual_run)
 
 
 def distill_locally(
@@ -291,13 +323,21 @@ def train_round(
 ) -> tuple[np.ndarray, dict[str, float]]:
     t0 = time.perf_counter()
     cfg, labels = inp.cfg, inp.labels
+    spec = parse_spec(cfg.compression.uplink)
+    if not inp.run_id and (spec.error_feedback or cfg.distill.mutual):
+        raise ClientError(
+            f"the server sent no run id ({keys.RUN_ID}); error feedback and mutual distillation "
+            "keep state between rounds that must belong to one run: update the server"
+        )
     data = node_data(cfg, labels, node_config)
     models = load_initial(cfg, labels, inp.init_digest)
     ref = received_arrays(models, cfg, inp.payload, data.cache_root)
     state = ClientState.open(data.cache_root, data.key)
     device = pick_device(cfg.train.device)
     s_train, t_train = encode_train(models, data.train, cfg.data.max_length)
-    teacher, logits, fitted = teacher_for_round(cfg, labels, models, data, state, t_train, device)
+    teacher, logits, fitted = teacher_for_round(
+        cfg, labels, models, data, state, t_train, device, mutual_run=inp.run_id
+    )
 
     student = copy.deepcopy(models.student)
     set_arrays(student, ref)
@@ -315,18 +355,23 @@ def train_round(
         proximal_mu=inp.proximal_mu,
     )
     if cfg.distill.mutual:  # the teacher learned too; it never leaves the node
-        key = teacher_cache_key(cfg, labels, data.train)
-        state.save_teacher(key, {k: v.cpu() for k, v in teacher.state_dict().items()}, None)
+        assert teacher is not None
+        key = teacher_cache_key(cfg, labels, data.train, mutual_run=inp.run_id)
+        fine_tuned = teacher_cache_key(cfg, labels, data.train)
+        state.save_teacher(
+            key, {k: v.cpu() for k, v in teacher.state_dict().items()}, None, keep=(fine_tuned,)
+        )
 
     after = get_arrays(student, models.names)
     update = {n: after[n] - ref[n] for n in models.names}
-    spec = parse_spec(cfg.compression.uplink)
     if spec.error_feedback:
-        residual = state.load_residual(models.schema, before_round=inp.server_round)
+        residual = state.load_residual(models.schema, before_round=inp.server_round, run=inp.run_id)
         update = with_residual(update, residual)
     encoded = encode(update, spec, seed=seed)
     if spec.error_feedback:
-        state.save_residual(residual_after(update, encoded.decoded), inp.server_round)
+        state.save_residual(
+            residual_after(update, encoded.decoded), inp.server_round, run=inp.run_id
+        )
 
     metrics = {
         "num-examples": float(len(data.train)),

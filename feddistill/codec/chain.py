@@ -8,16 +8,23 @@ error feedback). ``B_v = B_{v-1} + decode(payload_v)``, computed the same way on
 nodes hold bit-identical models. A node that skipped rounds gets the versions it missed; one that
 is too far behind (or lost its cache) gets the broadcast model itself, in float32.
 
+Every message also names the model it must produce: an 8-byte digest of ``B_target``. A node
+checks what it rebuilt against it (:func:`apply_chain`), so a node whose cached version is not
+the one the server continues (a server that crashed after sending a version and, resumed, made
+that version again differently) fails loudly with check ``chain-digest`` instead of training
+from a model the server never sent; the server then sends it the whole model.
+
 Container layout (little-endian)::
 
      0  4  magic b"FDCH"
-     4  u8 CHAIN_FORMAT (1)
+     4  u8 CHAIN_FORMAT (2)
      5  8  chain id (a run's chain; a resumed run keeps it)
     13  u32 target version
-    17  u8 has_base (0/1)
-    18  u32 base version (0 without a base)
-    22  u32 number of delta segments n
-    26  u32 x (has_base + n) segment lengths, then the segments: the base payload (absolute
+    17  8  digest of the model at the target version (:func:`model_digest`)
+    25  u8 has_base (0/1)
+    26  u32 base version (0 without a base)
+    30  u32 number of delta segments n
+    34  u32 x (has_base + n) segment lengths, then the segments: the base payload (absolute
         float32 weights, codec spec "none"), then the deltas for versions target-n+1 .. target
 """
 
@@ -36,8 +43,10 @@ from .spec import CompressionSpec
 from .wire import decode, encode, schema_of
 
 CHAIN_MAGIC = b"FDCH"
-CHAIN_FORMAT = 1
-_HEADER = struct.Struct("<4sB8sIBII")
+CHAIN_FORMAT = 2  # 2: the target model's digest (format 1 had none)
+_HEADER = struct.Struct("<4sB8sI8sBII")
+DIGEST_BYTES = 8  # a consistency check, not a signature: 2**-64 to miss a divergence
+DIGEST_CHECK = "chain-digest"  # PayloadError.check of a rebuilt model that is not the server's
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,7 @@ class ChainMessage:
 
     ``base`` (absolute weights at ``base_version``) is present when the node cannot be assumed
     to hold any earlier version; ``deltas`` are ``(version, payload)`` for consecutive versions
-    ending at ``target``.
+    ending at ``target``; ``digest`` is :func:`model_digest` of the model at ``target``.
     """
 
     chain: bytes
@@ -54,6 +63,7 @@ class ChainMessage:
     deltas: tuple[tuple[int, np.ndarray], ...]
     base: np.ndarray | None = None
     base_version: int = 0
+    digest: bytes = b""
 
     @property
     def first_needed(self) -> int:
@@ -64,12 +74,15 @@ class ChainMessage:
 def pack_chain(msg: ChainMessage) -> np.ndarray:
     if len(msg.chain) != 8:
         raise ValueError(f"chain id must be 8 bytes, got {len(msg.chain)}")
+    if len(msg.digest) != DIGEST_BYTES:
+        raise ValueError(f"model digest must be {DIGEST_BYTES} bytes, got {len(msg.digest)}")
     segments = ([msg.base] if msg.base is not None else []) + [p for _, p in msg.deltas]
     header = _HEADER.pack(
         CHAIN_MAGIC,
         CHAIN_FORMAT,
         msg.chain,
         msg.target,
+        msg.digest,
         int(msg.base is not None),
         msg.base_version,
         len(msg.deltas),
@@ -92,7 +105,9 @@ def unpack_chain(blob: np.ndarray, *, max_payload_bytes: int) -> ChainMessage:
         raise PayloadError("size-limit", f"downlink of {buf.size} bytes over the limit")
     if buf.size < _HEADER.size:
         raise PayloadError("chain-header", f"{buf.size} bytes is shorter than the header")
-    magic, fmt, chain, target, has_base, base_version, n = _HEADER.unpack_from(buf.tobytes())
+    magic, fmt, chain, target, digest, has_base, base_version, n = _HEADER.unpack_from(
+        buf[: _HEADER.size].tobytes()
+    )
     if magic != CHAIN_MAGIC:
         raise PayloadError("chain-header", f"magic {magic!r} is not {CHAIN_MAGIC!r}")
     if fmt != CHAIN_FORMAT:
@@ -120,7 +135,20 @@ def unpack_chain(blob: np.ndarray, *, max_payload_bytes: int) -> ChainMessage:
     base = segments[0] if has_base else None
     first = target - n + 1
     deltas = tuple((first + i, seg) for i, seg in enumerate(segments[has_base:]))
-    return ChainMessage(chain, target, deltas, base, base_version)
+    return ChainMessage(chain, target, deltas, base, base_version, digest)
+
+
+def model_digest(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> bytes:
+    """:data:`DIGEST_BYTES` bytes of BLAKE2b over ``names`` and their float32 values, in order.
+
+    Sender and nodes build ``B_v`` with the same float32 additions, so equal models have equal
+    digests bit for bit; hashing a model costs about one pass over its weights.
+    """
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    for name in names:
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name], dtype=np.float32).tobytes())
+    return h.digest()
 
 
 def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -162,6 +190,7 @@ class ChainSender:
         self.payloads: dict[int, np.ndarray] = {}
         self.node_version: dict[int, int] = {}
         self.source_digest = ""  # the global the latest version was encoded from
+        self.digest = model_digest(self.broadcast, self.names)  # of B_version, sent each time
         self._packed: dict[int, np.ndarray] = {}  # by version held (-1: base), this version
 
     def advance(self, global_arrays: Mapping[str, np.ndarray]) -> int:
@@ -185,15 +214,16 @@ class ChainSender:
         self.payloads[self.version] = encoded.payload
         self.payloads.pop(self.version - self.history, None)
         self.source_digest = digest
+        self.digest = model_digest(self.broadcast, self.names)
         self._packed = {}
         return int(encoded.payload.size)
 
     def message_for(self, node: int) -> tuple[np.ndarray, int]:
         """The packed container that brings ``node`` to the current version, and that version."""
         held = self.node_version.get(node, 0)
-        if not 0 <= held <= self.version:
+        if held > self.version:
             held = 0
-        if not self._catch_up_cheaper(held):
+        if held < 0 or not self._catch_up_cheaper(held):
             held = -1  # send the broadcast model itself
         if held not in self._packed:
             self._packed[held] = pack_chain(self._message_from(held))
@@ -210,9 +240,9 @@ class ChainSender:
     def _message_from(self, held: int) -> ChainMessage:
         if held < 0:
             base = encode(self.broadcast, CompressionSpec()).payload  # float32, exact
-            return ChainMessage(self.chain, self.version, (), base, self.version)
+            return ChainMessage(self.chain, self.version, (), base, self.version, self.digest)
         deltas = tuple((v, self.payloads[v]) for v in range(held + 1, self.version + 1))
-        return ChainMessage(self.chain, self.version, deltas)
+        return ChainMessage(self.chain, self.version, deltas, digest=self.digest)
 
     def acknowledge(self, node: int, version: int) -> None:
         """``node`` answered a message that brought it to ``version``."""
@@ -222,31 +252,32 @@ class ChainSender:
         """``node`` failed: do not assume it holds anything (it can always rebuild version 0)."""
         self.node_version.pop(node, None)
 
-    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(JSON-able metadata, broadcast arrays, payloads by version): what a checkpoint keeps."""
-        meta = {
+    def rebuild(self, node: int) -> None:
+        """``node`` rebuilt a model that is not ours (check ``chain-digest``): whatever it holds
+        is suspect, so its next message carries the broadcast model itself."""
+        self.node_version[node] = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (copies): id, version, node versions, broadcast, payloads."""
+        return {
             "chain": self.chain.hex(),
             "version": self.version,
             "source_digest": self.source_digest,
             "node_version": {str(k): v for k, v in self.node_version.items()},
+            "broadcast": {n: a.copy() for n, a in self.broadcast.items()},
+            "payloads": {str(v): p.copy() for v, p in self.payloads.items()},
         }
-        broadcast = {n: a.copy() for n, a in self.broadcast.items()}
-        payloads = {str(v): p.copy() for v, p in self.payloads.items()}
-        return meta, broadcast, payloads
 
-    def load_state(
-        self,
-        meta: Mapping[str, Any],
-        broadcast: Mapping[str, np.ndarray],
-        payloads: Mapping[str, np.ndarray],
-    ) -> None:
-        """Continue the chain saved by :meth:`state` (a resumed run)."""
-        self.chain = bytes.fromhex(meta["chain"])
-        self.version = int(meta["version"])
-        self.source_digest = str(meta["source_digest"])
-        self.node_version = {int(k): int(v) for k, v in meta["node_version"].items()}
-        self.broadcast = dict(broadcast)
-        self.payloads = {int(v): p for v, p in payloads.items()}
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the chain saved by :meth:`state_dict` (a resumed run)."""
+        broadcast = {n: np.asarray(state["broadcast"][n], dtype=np.float32) for n in self.names}
+        self.chain = bytes.fromhex(state["chain"])
+        self.version = int(state["version"])
+        self.source_digest = str(state["source_digest"])
+        self.node_version = {int(k): int(v) for k, v in state["node_version"].items()}
+        self.broadcast = broadcast
+        self.payloads = {int(v): np.asarray(p) for v, p in state["payloads"].items()}
+        self.digest = model_digest(self.broadcast, self.names)
         self._packed = {}
 
 
@@ -259,7 +290,13 @@ def apply_chain(
     max_payload_bytes: int,
 ) -> dict[str, np.ndarray]:
     """``start`` (version ``start_version``, or ignored when ``msg`` has a base) brought to
-    ``msg.target``, adding the decoded deltas in order exactly as the sender did."""
+    ``msg.target``, adding the decoded deltas in order exactly as the sender did.
+
+    Raises:
+        PayloadError: check ``chain-digest`` when the result is not the model the sender holds
+            at ``msg.target`` (``start`` is not the sender's version ``start_version``), or a
+            check of :func:`unpack_chain` / the codec for a malformed message.
+    """
     if msg.base is not None:
         arrays = decode(msg.base, schema, max_payload_bytes=max_payload_bytes)
         start_version = msg.base_version
@@ -276,6 +313,14 @@ def apply_chain(
         delta = decode(payload, schema, max_payload_bytes=max_payload_bytes)
         for n, _ in schema:
             arrays[n] = arrays[n] + delta[n]
+    got = model_digest(arrays, [n for n, _ in schema])
+    if got != msg.digest:
+        raise PayloadError(
+            DIGEST_CHECK,
+            f"version {msg.target} of model chain {msg.chain.hex()} rebuilt here from version "
+            f"{start_version} has digest {got.hex()}, the server's has {msg.digest.hex()}: "
+            "the version this node holds is not the one the server sent",
+        )
     return arrays
 
 
@@ -285,5 +330,6 @@ def initial_downlink(initial: Mapping[str, np.ndarray], spec: CompressionSpec) -
     Benchmarks and tests that drive clients without a server start from it.
     """
     if spec.error_feedback:
-        return pack_chain(ChainMessage(bytes(8), 0, ()))
+        names = list(initial)
+        return pack_chain(ChainMessage(bytes(8), 0, (), digest=model_digest(initial, names)))
     return encode({n: np.zeros_like(a, dtype=np.float32) for n, a in initial.items()}, spec).payload

@@ -14,7 +14,8 @@ class PayloadError(ValueError):
             "truncated", "index-range", "count", "scale-finite", "value-finite", "size-limit",
             "dtype", "trailing-bytes", "mode", "header", "padding", "value-code",
             "rice-param", "positions", "chunk", "scale-range"; for the chained downlink
-            "chain-header", "chain-version", "chain-segments"), for metrics and tests.
+            "chain-header", "chain-version", "chain-segments", "chain-digest"), for metrics and
+            tests.
     """
 
     def __init__(self, check: str, message: str) -> None:

@@ -5,22 +5,25 @@ saves what a continuation needs after every completed round, in one file written
 (temp file + ``os.replace``: a crash mid-write leaves the previous round's file intact)::
 
     output-dir/state/server.npz
-        __manifest__          JSON (as uint8): round, config, RNG states, run record, and where
-                              each array below belongs
+        __manifest__          JSON (as uint8): round, run id, config, RNG states, run record,
+                              the strategy's state (scalars inline, arrays by name)
         a0, a1, ...           the global exchanged arrays (dtype as aggregated: float32 with
                               FedAvg; full precision, never the compressed downlink) and every
-                              array-valued attribute of the inner strategy
+                              array of the strategy's state
 
-The inner strategy's state is captured generically: every attribute that is a numpy array, a
-dict or list of numpy arrays, or an ``ArrayRecord`` (FedAdam/FedYogi/FedAdagrad ``m_t``, ``v_t``,
-``current_arrays``; FedAvgM ``momentum_vector`` and ``current_arrays``), so a strategy added
-later needs no code here. The client sampler's state is saved (Flower's sampling draws from
-:data:`feddistill.server.grids.SAMPLER` while the server runs); torch's CPU generator too, for
-anything seeded from it.
+Nothing is found by scanning attributes: the strategy's state is what
+:meth:`feddistill.strategies.CompressedStrategy.state_dict` declares (its downlink chain and,
+through :mod:`feddistill.strategies.state`, the inner Flower strategy's declared fields), the
+running tail average what :meth:`feddistill.server.tail.TailAverage.state` returns. The client
+sampler's state is saved (Flower's sampling draws from :data:`feddistill.server.grids.SAMPLER`
+while the server runs); torch's CPU generator too, for anything seeded from it.
+
+The run id (:data:`feddistill.keys.RUN_ID`) is drawn for a fresh run and kept by a resumed
+one; clients key what they keep between rounds by it (docs/state.md).
 
 :class:`ReproducibleGrid` removes the two timing-dependent inputs of a round (node-id order and
 reply arrival order), so that a resumed run equals an uninterrupted one, not just resembles it.
-On the client side, error-feedback residuals are saved per round
+On the client side, error-feedback residuals are saved per run and round
 (:meth:`feddistill.client.state.ClientState.save_residual`), so a round redone after a restart
 starts from the same residual as the first time.
 """
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
     from feddistill.server.results import RunRecord
     from feddistill.strategies import CompressedStrategy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: declared strategy state and the run id (1: scanned attributes)
 STATE_FILE = Path("state") / "server.npz"
 _MANIFEST = "__manifest__"
 
@@ -77,85 +80,67 @@ class ServerState:
 
     round: int
     global_arrays: dict[str, np.ndarray]
-    strategy: dict[str, Any] = field(default_factory=dict)
+    strategy: dict[str, Any] = field(default_factory=dict)  # CompressedStrategy.state_dict()
     config: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     python_random: Any = None
     torch_random: np.ndarray | None = None
-    downlink: dict[str, Any] | None = None  # the chained downlink's state, if any
     tail: dict[str, Any] | None = None  # the running sum of server.average-last, if any
+    run_id: str = ""  # hex of the run id clients scope their state by
 
 
 def state_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / STATE_FILE
 
 
-# -- strategy state ---------------------------------------------------------------------------
-def _is_arrays(value: Any) -> bool:
-    if isinstance(value, np.ndarray | ArrayRecord):
-        return True
-    if isinstance(value, dict) and value:
-        return all(isinstance(v, np.ndarray) for v in value.values())
-    if isinstance(value, list | tuple) and value:
-        return all(isinstance(v, np.ndarray) for v in value)
-    return False
-
-
-def capture_strategy(strategy: object) -> dict[str, Any]:
-    """Every array-valued attribute of ``strategy`` (copied), by attribute name."""
-    out: dict[str, Any] = {}
-    for name, value in vars(strategy).items():
-        if not _is_arrays(value):
-            continue
-        if isinstance(value, ArrayRecord):
-            out[name] = ArrayRecord({k: Array(a.numpy().copy()) for k, a in value.items()})
-        elif isinstance(value, np.ndarray):
-            out[name] = value.copy()
-        elif isinstance(value, dict):
-            out[name] = {k: v.copy() for k, v in value.items()}
-        else:
-            out[name] = [v.copy() for v in value]
-    return out
-
-
-def restore_strategy(strategy: object, saved: Mapping[str, Any]) -> None:
-    """Set the attributes captured by :func:`capture_strategy` back on a fresh strategy."""
-    for name, value in saved.items():
-        if not hasattr(strategy, name):
-            raise ValueError(
-                f"saved strategy state has attribute {name!r} that "
-                f"{type(strategy).__name__} lacks; was server.strategy changed?"
-            )
-        setattr(strategy, name, value)
-
-
 # -- file format ------------------------------------------------------------------------------
 def _pack(value: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Describe ``value`` in JSON, moving its arrays into ``arrays`` under fresh names."""
+    """Describe ``value`` in JSON, moving its arrays into ``arrays`` under fresh names.
 
-    def put(a: np.ndarray) -> str:
-        key = f"a{len(arrays)}"
-        arrays[key] = np.ascontiguousarray(a)
-        return key
-
-    if isinstance(value, ArrayRecord):
-        return {"kind": "arrayrecord", "items": {k: put(a.numpy()) for k, a in value.items()}}
+    Takes what ``state_dict()`` methods return: None, bool/int/float/str, bytes, numpy arrays,
+    ``ArrayRecord``, and dicts (string keys), lists and tuples of these.
+    """
+    if value is None:
+        return {"kind": "none"}
+    if isinstance(value, bool | int | float | str):
+        return {"kind": "value", "value": value}
+    if isinstance(value, np.generic):
+        return {"kind": "value", "value": value.item()}
+    if isinstance(value, bytes):
+        return {"kind": "bytes", "hex": value.hex()}
     if isinstance(value, np.ndarray):
-        return {"kind": "array", "item": put(value)}
+        key = f"a{len(arrays)}"
+        arrays[key] = np.ascontiguousarray(value)
+        return {"kind": "array", "item": key}
+    if isinstance(value, ArrayRecord):
+        return {
+            "kind": "arrayrecord",
+            "items": {k: _pack(a.numpy(), arrays) for k, a in value.items()},
+        }
     if isinstance(value, dict):
-        return {"kind": "dict", "items": {k: put(v) for k, v in value.items()}}
-    return {"kind": type(value).__name__, "list": [put(v) for v in value]}
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"state dict keys must be strings, got {sorted(map(repr, value))}")
+        return {"kind": "dict", "items": {k: _pack(v, arrays) for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        return {"kind": type(value).__name__, "items": [_pack(v, arrays) for v in value]}
+    raise TypeError(f"cannot save state of type {type(value).__name__}")
 
 
 def _unpack(desc: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Any:
     kind = desc["kind"]
-    if kind == "arrayrecord":
-        return ArrayRecord({k: Array(arrays[v]) for k, v in desc["items"].items()})
+    if kind == "none":
+        return None
+    if kind == "value":
+        return desc["value"]
+    if kind == "bytes":
+        return bytes.fromhex(desc["hex"])
     if kind == "array":
         return arrays[desc["item"]]
+    if kind == "arrayrecord":
+        return ArrayRecord({k: Array(_unpack(v, arrays)) for k, v in desc["items"].items()})
     if kind == "dict":
-        return {k: arrays[v] for k, v in desc["items"].items()}
-    items = [arrays[v] for v in desc["list"]]
+        return {k: _unpack(v, arrays) for k, v in desc["items"].items()}
+    items = [_unpack(v, arrays) for v in desc["items"]]
     return tuple(items) if kind == "tuple" else items
 
 
@@ -165,22 +150,15 @@ def save_state(path: Path, state: ServerState) -> None:
     manifest = {
         "format_version": FORMAT_VERSION,
         "round": state.round,
+        "run_id": state.run_id,
         "global": _pack(state.global_arrays, arrays),
-        "strategy": {name: _pack(v, arrays) for name, v in state.strategy.items()},
+        "strategy": _pack(state.strategy, arrays),
         "config": state.config,
         "record": state.record,
         "python_random": state.python_random,
+        "torch_random": _pack(state.torch_random, arrays),
+        "tail": _pack(state.tail, arrays),
     }
-    if state.torch_random is not None:
-        manifest["torch_random"] = _pack(state.torch_random, arrays)
-    if state.downlink is not None:
-        manifest["downlink"] = {
-            "meta": state.downlink["meta"],
-            "broadcast": _pack(state.downlink["broadcast"], arrays),
-            "payloads": _pack(state.downlink["payloads"], arrays),
-        }
-    if state.tail is not None:
-        manifest["tail"] = {"meta": state.tail["meta"], "total": _pack(state.tail["total"], arrays)}
     blob = np.frombuffer(json.dumps(manifest, default=_json_default).encode(), dtype=np.uint8)
     save_arrays(path, {_MANIFEST: blob, **arrays})  # atomic: temp file + os.replace
 
@@ -194,28 +172,20 @@ def load_state(path: Path) -> ServerState | None:
     manifest = json.loads(arrays.pop(_MANIFEST).tobytes().decode())
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version!r}; expected {FORMAT_VERSION}")
-    torch_random = manifest.get("torch_random")
-    downlink = manifest.get("downlink")
-    if downlink is not None:
-        downlink = {
-            "meta": downlink["meta"],
-            "broadcast": _unpack(downlink["broadcast"], arrays),
-            "payloads": _unpack(downlink["payloads"], arrays),
-        }
-    tail = manifest.get("tail")
-    if tail is not None:
-        tail = {"meta": tail["meta"], "total": _unpack(tail["total"], arrays)}
+        raise ValueError(
+            f"{path} has format_version {version!r}; this feddistill reads {FORMAT_VERSION}: "
+            "finish that run with the version that started it, or start afresh (resume = false)"
+        )
     return ServerState(
         round=int(manifest["round"]),
         global_arrays=_unpack(manifest["global"], arrays),
-        strategy={n: _unpack(d, arrays) for n, d in manifest["strategy"].items()},
+        strategy=_unpack(manifest["strategy"], arrays),
         config=manifest["config"],
         record=manifest["record"],
         python_random=manifest["python_random"],
-        torch_random=None if torch_random is None else _unpack(torch_random, arrays),
-        downlink=downlink,
-        tail=tail,
+        torch_random=_unpack(manifest["torch_random"], arrays),
+        tail=_unpack(manifest["tail"], arrays),
+        run_id=str(manifest["run_id"]),
     )
 
 
@@ -256,24 +226,22 @@ def snapshot(
     strategy: CompressedStrategy,
     record: RunRecord,
     tail: dict[str, Any] | None = None,
+    run_id: str = "",
 ) -> ServerState:
     """The state after ``server_round`` (call once the round is recorded).
 
     ``tail`` is :meth:`feddistill.server.tail.TailAverage.state` when the run averages its last
-    rounds' models.
+    rounds' models; ``run_id`` the hex run id the run sends its clients.
 
-    The wrapper's traffic counters are already in ``record``; a stateless downlink is encoded
-    afresh each round, a chained one (:class:`feddistill.codec.chain.ChainSender`) is saved.
+    The wrapper's traffic counters are already in ``record``; the rest of its state (a chained
+    downlink, the inner strategy's) is what :meth:`CompressedStrategy.state_dict` declares.
     """
     python_random, torch_random = random_states()
-    downlink = None
-    if strategy.chain is not None:
-        meta, broadcast, payloads = strategy.chain.state()
-        downlink = {"meta": meta, "broadcast": broadcast, "payloads": payloads}
     return ServerState(
         round=server_round,
+        run_id=run_id,
         global_arrays={n: np.array(a, copy=True) for n, a in global_arrays.items()},
-        strategy=capture_strategy(strategy.inner),
+        strategy=strategy.state_dict(),
         config=dict(record.config),
         record={
             "rounds": record.rounds,
@@ -283,7 +251,6 @@ def snapshot(
         },
         python_random=python_random,
         torch_random=torch_random,
-        downlink=downlink,
         tail=tail,
     )
 
@@ -309,9 +276,7 @@ def restore(
             f"invalid config rounds = {cfg.rounds}: the saved run already completed "
             f"{state.round} rounds; expected rounds >= {state.round}"
         )
-    restore_strategy(strategy.inner, state.strategy)
-    if strategy.chain is not None and state.downlink is not None:
-        strategy.chain.load_state(**state.downlink)
+    strategy.load_state_dict(state.strategy)
     strategy.round_offset = state.round
     record.rounds = list(state.record["rounds"])
     record.initial = dict(state.record["initial"])

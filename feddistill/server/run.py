@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +53,7 @@ from feddistill.server.tail import TailAverage, window_start
 from feddistill.server.tracking import Tracker
 from feddistill.strategies import CompressedStrategy, build_strategy
 from feddistill.task import InitialModels, initial_models, partitions, server_data
-from feddistill.wire import server_config
+from feddistill.wire import RUN_ID_BYTES, server_config
 
 log = logging.getLogger("feddistill")
 
@@ -177,7 +178,10 @@ def _run_server(
     clock = {"t": time.time()}
     last_eval: dict[str, EvalStats] = {}  # the last global's, for its per-class accuracy
     watch = RoundWatch(cfg.rounds, display=progress)  # sees replies as they arrive
-    done, global_arrays, saved_tail = _resume_or_start(cfg, strategy, record, models.init_arrays)
+    done, global_arrays, saved_tail, run_id = _resume_or_start(
+        cfg, strategy, record, models.init_arrays
+    )
+    record.header["run_id"] = run_id
     tail = _tail_average(cfg, done, saved_tail, ckpt_dir, models.names)
     tracker.start(record, resumed=done > 0)
 
@@ -227,6 +231,7 @@ def _run_server(
                 strategy,
                 record,
                 tail=None if tail is None else tail.state(),
+                run_id=run_id,
             ),
         )
         # Only now that the state holds this round may results.json claim it: a run killed in
@@ -236,7 +241,9 @@ def _run_server(
         clock["t"] = now
         return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
 
-    run_cfg = ConfigRecord(server_config(cfg.to_json(), labels.names, models.digest))
+    run_cfg = ConfigRecord(
+        server_config(cfg.to_json(), labels.names, models.digest, bytes.fromhex(run_id))
+    )
     initial = ArrayRecord({n: Array(global_arrays[n]) for n in models.names})
     with private_sampling():
         result = strategy.start(
@@ -371,26 +378,29 @@ def _tail_average(
 
 def _resume_or_start(
     cfg: Config, strategy: CompressedStrategy, record: RunRecord, init: dict[str, np.ndarray]
-) -> tuple[int, dict[str, np.ndarray], dict[str, Any] | None]:
-    """Rounds already completed and the global arrays to start from.
+) -> tuple[int, dict[str, np.ndarray], dict[str, Any] | None, str]:
+    """Rounds already completed, the global arrays to start from, the saved tail average and
+    the run id (hex).
 
-    ``resume = true`` restores the saved state (strategy, ``random``, run record) and records a
-    ``resume`` event; without a saved state it starts afresh. ``resume = false`` removes any
-    saved state, so a later resume never picks up an older run.
+    ``resume = true`` restores the saved state (strategy, ``random``, run record, run id) and
+    records a ``resume`` event; without a saved state it starts afresh. ``resume = false``
+    removes any saved state, so a later resume never picks up an older run. A fresh run draws a
+    new run id: clients never continue another run's residuals or co-trained teacher.
     """
     path = state_path(cfg.output_dir)
+    fresh = secrets.token_bytes(RUN_ID_BYTES).hex()
     if not cfg.resume:
         path.unlink(missing_ok=True)
-        return 0, init, None
+        return 0, init, None, fresh
     saved = load_state(path)
     if saved is None:
         log.info("resume = true but %s does not exist: starting from round 1", path)
-        return 0, init, None
+        return 0, init, None, fresh
     restore(saved, cfg, strategy, record)
     record.events.append({"event": "resume", "from_round": saved.round, "time": time.time()})
     record.save()
     log.info("resuming after round %d of %d (state %s)", saved.round, cfg.rounds, path)
-    return saved.round, saved.global_arrays, saved.tail
+    return saved.round, saved.global_arrays, saved.tail, saved.run_id
 
 
 def _cache_usage(cfg: Config, simulated: bool) -> dict[str, int | None]:

@@ -30,6 +30,7 @@ import concurrent.futures
 import json
 import os
 import random
+import secrets
 import statistics
 import subprocess
 import sys
@@ -204,6 +205,7 @@ def plain_loop(flat: dict[str, Any], workers: int, threads: int) -> dict[str, An
     per_train = k(cfg.server.clients_per_round, n)
     per_eval = k(cfg.server.evaluate_clients, n)
     rng = random.Random(cfg.seed)
+    run_id = secrets.token_hex(8)  # like the server's: this loop's residuals are its own
     seconds: list[float] = []
     pool = None
     if workers > 1:
@@ -213,7 +215,7 @@ def plain_loop(flat: dict[str, Any], workers: int, threads: int) -> dict[str, An
     try:
         for server_round in range(1, cfg.rounds + 1):
             start = time.perf_counter()
-            inp = RoundInput(cfg, labels, models.digest, payload, server_round)
+            inp = RoundInput(cfg, labels, models.digest, payload, server_round, run_id=run_id)
             for kind, count in (("train", per_train), ("evaluate", per_eval)):
                 pids = rng.sample(range(n), count)
                 if pool is None:

@@ -24,15 +24,18 @@ dropped with a logged reason naming the node and the failed check, and counted a
 
 Resume (``feddistill.server.checkpoint``): ``Strategy.start`` always counts from round 1, so a run
 resumed after round k sets ``round_offset = k`` and every hook sees ``k + round`` (the inner
-strategy and the ``server-round`` it sends, traffic keys, codec seeds).
+strategy and the ``server-round`` it sends, traffic keys, codec seeds). What else must survive a
+restart is declared by :meth:`CompressedStrategy.state_dict`: the downlink chain and the inner
+strategy's state (:mod:`feddistill.strategies.state`).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -41,7 +44,8 @@ from flwr.serverapp.strategy import Strategy
 
 from feddistill import keys
 from feddistill.codec import CompressionSpec, PayloadError, decode, encode
-from feddistill.codec.chain import ChainSender
+from feddistill.codec.chain import DIGEST_CHECK, ChainSender
+from feddistill.strategies.state import load_strategy_state_dict, strategy_state_dict
 from feddistill.wire import message_bytes, payload_record
 
 log = logging.getLogger("feddistill.server")
@@ -147,14 +151,42 @@ class CompressedStrategy(Strategy):
             sink[node] = message_bytes(msg)
         return out
 
-    def _answered(self, node: int, ok: bool) -> None:
-        """Track which chain version a node holds (only an answer proves it got there)."""
+    def _answered(self, node: int, ok: bool, reason: str = "") -> None:
+        """Track which chain version a node holds (only an answer proves it got there).
+
+        A node that found its cached version is not ours (``reason`` names the failed
+        ``chain-digest`` check) gets the whole model next; any other failure only forgets it.
+        """
         if self.chain is None:
             return
         if ok and node in self._inflight:
             self.chain.acknowledge(node, self._inflight[node])
+        elif not ok and f"[{DIGEST_CHECK}]" in reason:
+            self.chain.rebuild(node)
         elif not ok:
             self.chain.forget(node)
+
+    # -- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs from this wrapper: the downlink chain (``None`` for the
+        stateless downlink) and the inner strategy's state. The round offset is not in it: it
+        is the checkpoint's round, set by :func:`feddistill.server.checkpoint.restore`; traffic
+        counters are in the run record; the rest is rebuilt by each round's hooks."""
+        return {
+            "chain": None if self.chain is None else self.chain.state_dict(),
+            "inner": strategy_state_dict(self.inner),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a wrapper built with the same settings."""
+        if (state["chain"] is None) != (self.chain is None):
+            raise ValueError(
+                "saved downlink state does not match compression.downlink "
+                f"{self.downlink.to_string()!r}: was the downlink codec changed?"
+            )
+        if self.chain is not None:
+            self.chain.load_state_dict(state["chain"])
+        load_strategy_state_dict(self.inner, state["inner"])
 
     @property
     def inner_key(self) -> str:
@@ -212,7 +244,7 @@ class CompressedStrategy(Strategy):
             node = asked.pop(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
                 reason = f"client error: {msg.error.reason}"
-                self._answered(node, ok=False)
+                self._answered(node, ok=False, reason=reason)
                 stats.failures.append((node, reason))
                 log.warning("round %d: node %s failed: %s", server_round, node, reason)
                 continue
@@ -266,7 +298,7 @@ class CompressedStrategy(Strategy):
         for msg in replies:
             if msg.has_error():
                 node, reason = msg.metadata.src_node_id, str(msg.error.reason)
-                self._answered(node, ok=False)
+                self._answered(node, ok=False, reason=reason)
                 stats.eval_failures.append((node, reason))
                 log.warning("round %d: node %s failed to evaluate: %s", server_round, node, reason)
             else:

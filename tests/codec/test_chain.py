@@ -72,7 +72,7 @@ def test_an_unchanged_model_makes_no_version() -> None:
     sender = ChainSender(initial, parse_spec("topk:0.1+q8+ef"), chain=b"12345678")
     assert sender.advance(initial) == 0 and sender.version == 0
     payload, version = sender.message_for(3)
-    assert version == 0 and payload.size == 26  # the header alone: "keep the initial model"
+    assert version == 0 and payload.size == 34  # the header alone: "keep the initial model"
     assert _same(_Node(initial).receive(payload), initial)
 
 
@@ -111,14 +111,15 @@ def test_server_error_feedback_brings_the_broadcast_to_a_fixed_global() -> None:
 
 def test_container_round_trip_and_malformed_containers() -> None:
     deltas = ((3, np.arange(5, dtype=np.uint8)), (4, np.arange(7, dtype=np.uint8)))
-    msg = ChainMessage(b"chainid!", 4, deltas)
+    msg = ChainMessage(b"chainid!", 4, deltas, digest=b"modeldig")
     blob = pack_chain(msg)
     back = unpack_chain(blob, max_payload_bytes=LIMIT)
     assert back.chain == b"chainid!" and back.target == 4 and back.first_needed == 2
+    assert back.digest == b"modeldig"
     assert [(v, p.tolist()) for v, p in back.deltas] == [(v, p.tolist()) for v, p in deltas]
 
     based = unpack_chain(
-        pack_chain(ChainMessage(b"chainid!", 4, deltas, np.ones(3, np.uint8), 2)),
+        pack_chain(ChainMessage(b"chainid!", 4, deltas, np.ones(3, np.uint8), 2, b"modeldig")),
         max_payload_bytes=LIMIT,
     )
     assert based.base is not None and based.base.tolist() == [1, 1, 1]
@@ -133,7 +134,7 @@ def test_container_round_trip_and_malformed_containers() -> None:
     version[4] = 9
     bad["version"] = version
     too_many = blob.copy()
-    too_many[22] = 200  # 200 deltas cannot end at version 4
+    too_many[30] = 200  # 200 deltas cannot end at version 4
     bad["count"] = too_many
     for name, payload in bad.items():
         with pytest.raises(PayloadError):
@@ -162,3 +163,56 @@ def test_initial_downlink_gives_the_initial_model_under_both_protocols() -> None
         assert payload.dtype == np.uint8 and payload.size > 0
     msg = unpack_chain(initial_downlink(initial, parse_spec("q4+ef")), max_payload_bytes=LIMIT)
     assert _same(apply_chain(msg, initial, 0, SCHEMA, max_payload_bytes=LIMIT), initial)
+
+
+def test_a_node_holding_another_version_fails_the_digest_check_instead_of_diverging() -> None:
+    # Prepare: a node holds version 1; the server "crashes" and, resumed from its version-1
+    # state, makes version 2 from another global than the one the node last received
+    import copy
+
+    rng = np.random.default_rng(7)
+    initial = _arrays(rng)
+    sender = ChainSender(initial, parse_spec("topk:0.2+q8+ef"), chain=b"12345678")
+    node = _Node(initial)
+    sender.advance({n: a + _arrays(rng, 0.1)[n] for n, a in initial.items()})
+    node.receive(sender.message_for(1)[0])
+    sender.acknowledge(1, 1)
+    checkpoint = copy.deepcopy(sender)
+    sender.advance({n: a + _arrays(rng, 0.1)[n] for n, a in initial.items()})
+    node.receive(sender.message_for(1)[0])  # version 2, never acknowledged: then the crash
+    resumed = checkpoint
+    resumed.advance({n: a + _arrays(rng, 0.1)[n] for n, a in initial.items()})
+
+    # Execute: the resumed server sends "version 1 -> 2"; the node holds its own version 2
+    msg = unpack_chain(resumed.message_for(1)[0], max_payload_bytes=LIMIT)
+    with pytest.raises(PayloadError, match="is not the one the server sent") as info:
+        apply_chain(msg, node.arrays, node.version, SCHEMA, max_payload_bytes=LIMIT)
+
+    # Assert: named; the version it continued from was not the server's; a rebuild recovers
+    assert info.value.check == "chain-digest"
+    resumed.rebuild(1)
+    rebuilt = unpack_chain(resumed.message_for(1)[0], max_payload_bytes=LIMIT)
+    assert rebuilt.base is not None
+    got = apply_chain(rebuilt, node.arrays, node.version, SCHEMA, max_payload_bytes=LIMIT)
+    assert _same(got, resumed.broadcast)
+
+
+def test_every_message_names_the_digest_of_its_target_model() -> None:
+    from feddistill.codec.chain import DIGEST_BYTES, model_digest
+
+    rng = np.random.default_rng(8)
+    initial = _arrays(rng)
+    sender = ChainSender(initial, parse_spec("topk:0.1+q8+ef"), chain=b"12345678")
+    names = [n for n, _ in SCHEMA]
+    first = unpack_chain(sender.message_for(1)[0], max_payload_bytes=LIMIT)
+    sender.advance({n: a + 1 for n, a in initial.items()})
+    second = unpack_chain(sender.message_for(1)[0], max_payload_bytes=LIMIT)
+
+    assert first.digest == model_digest(initial, names) and len(first.digest) == DIGEST_BYTES
+    assert second.digest == model_digest(sender.broadcast, names) != first.digest
+    initial_msg = unpack_chain(
+        initial_downlink(initial, parse_spec("q4+ef")), max_payload_bytes=LIMIT
+    )
+    assert initial_msg.digest == first.digest
+    with pytest.raises(ValueError, match="digest must be 8 bytes"):
+        pack_chain(ChainMessage(b"12345678", 0, ()))
