@@ -14,7 +14,8 @@ results equal Flower's own strategy.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -22,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from feddistill import keys
 from feddistill.aggregation import Requirement
+from feddistill.strategies.state import load_strategy_state_dict, strategy_state_dict
 
 log = logging.getLogger("feddistill.server")
 
@@ -40,6 +42,13 @@ class ReplyFloor(Strategy):
         self.on_shortfall = on_shortfall
         # The wrapper above reads where replies keep their arrays.
         self.arrayrecord_key: str = getattr(inner, "arrayrecord_key", keys.ARRAYS)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner strategy's resume state: the floor itself keeps none."""
+        return {"inner": strategy_state_dict(self.inner)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_strategy_state_dict(self.inner, state["inner"])
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
