@@ -309,17 +309,23 @@ def test_onnx_export_of_the_minilm_student_matches_pytorch(tmp_path: Path) -> No
 DOC = Path(__file__).resolve().parents[1] / "docs" / "onnx.md"
 
 
+def _doc_blocks(lang: str) -> list[str]:
+    """The fenced ``lang`` blocks of docs/onnx.md, in order."""
+    blocks, current = [], None
+    for line in DOC.read_text().splitlines():
+        if current is None and line.strip() == f"```{lang}":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
 def _doc_commands() -> list[str]:
     """The lines of docs/onnx.md's ```sh blocks."""
-    commands, in_block = [], False
-    for line in DOC.read_text().splitlines():
-        if line.strip() == "```sh":
-            in_block = True
-        elif line.strip() == "```":
-            in_block = False
-        elif in_block and line.strip():
-            commands.append(line.strip())
-    return commands
+    return [line.strip() for b in _doc_blocks("sh") for line in b.splitlines() if line.strip()]
 
 
 def test_doc_commands_are_feddistill_commands_or_the_install() -> None:
@@ -335,7 +341,8 @@ def test_doc_commands_run_as_written(
     student_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every feddistill command of docs/onnx.md, verbatim, from a folder holding the student
-    # where `feddistill simulate` writes it. (The pip line is what CI's install does.)
+    # where `feddistill simulate` writes it, then its Python example. (The pip line is what
+    # CI's install does.) The MiniLM bench makes this test take minutes.
     shutil.copytree(student_dir, tmp_path / "feddistill-out" / "student")
     monkeypatch.chdir(tmp_path)
 
@@ -347,3 +354,5 @@ def test_doc_commands_run_as_written(
             argv = argv[1:]
         assert argv[0] == "feddistill", command
         assert cli.main(argv[1:]) == 0, command
+    (example,) = _doc_blocks("python")
+    exec(compile(example, str(DOC), "exec"), {})
