@@ -311,6 +311,7 @@ def predict(
             texts,
             max_length=max_length,
             batch_size=batch_size,
+            max_positions=classifier.max_positions,
         )
     model, tokenizer, labels = load_exported(model_dir)
     return predict_loaded(
@@ -335,6 +336,7 @@ def predict_loaded(
         texts,
         max_length=max_length,
         batch_size=batch_size,
+        max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
     )
 
 
@@ -346,16 +348,22 @@ def classify(
     *,
     max_length: int = 128,
     batch_size: int = 32,
+    max_positions: int | None = None,
 ) -> list[Prediction]:
     """Tokenize ``texts`` in batches, call ``logits_fn`` on each encoding, return predictions.
 
     ``logits_fn`` maps the tokenizer's output (torch tensors) to logits ``[batch, labels]``; it
-    is the only part that differs between the PyTorch and the onnxruntime backend.
+    is the only part that differs between the PyTorch and the onnxruntime backend. Texts are
+    truncated to ``max_length`` tokens, or to ``max_positions`` (the model's position-embedding
+    count) when that is fewer: a longer input has no position embedding and would fail in
+    either backend (the default student has 64 positions, the default ``max_length`` is 128).
     """
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of strings, got a single str")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_positions is not None:
+        max_length = min(max_length, max_positions)
     predictions: list[Prediction] = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):

@@ -119,7 +119,9 @@ class OnnxClassifier:
     onnxruntime's default and what a transformer's chain of ops wants.
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, threads: int | None = None, max_positions: int | None = None
+    ) -> None:
         require(RUNTIME_PACKAGES, "ONNX inference")
         import onnxruntime as ort
 
@@ -129,6 +131,7 @@ class OnnxClassifier:
         if threads is not None:
             options.intra_op_num_threads = threads
         self.path = Path(path)
+        self.max_positions = max_positions  # longest input the graph can embed, if known
         self.session = ort.InferenceSession(
             str(self.path), options, providers=["CPUExecutionProvider"]
         )
@@ -164,6 +167,8 @@ def load_onnx(
             f"{str(folder)!r} has no {ONNX_NAME}; write one with "
             f"`feddistill export STUDENT_DIR --out {folder} --onnx`"
         )
-    classifier = OnnxClassifier(path, threads=threads)
+    config = AutoConfig.from_pretrained(folder)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    classifier = OnnxClassifier(path, threads=threads, max_positions=max_positions)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return classifier, tokenizer, label_names(AutoConfig.from_pretrained(folder))
+    return classifier, tokenizer, label_names(config)

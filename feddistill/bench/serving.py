@@ -131,7 +131,7 @@ def run_serve_bench(
                 for b, encs in inputs.items():
                     median = _median_ms(run, encs, repeats)
                     cells.append(Cell(backend, b, threads, median, repeats))
-            for b in batch_sizes:
+            for b in batch_sizes:  # the first b sentences (batch 1: always the first)
                 batch = texts[:b]
                 median = _median_ms(lambda _, batch=batch: encode(batch), [None], repeats)
                 cells.append(Cell("tokenizer", b, threads, median, repeats))
