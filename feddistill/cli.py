@@ -298,6 +298,15 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     export.add_predict_arguments(pred)
     pred.set_defaults(func=export.run_predict)
 
+    from feddistill.bench import serving
+
+    bsv = sub.add_parser(
+        "bench-serve",
+        help="serving benchmark: size and CPU latency of float32 / int8 PyTorch and ONNX",
+    )
+    serving.add_arguments(bsv)
+    bsv.set_defaults(func=serving.run_command)
+
     bc = sub.add_parser("bench-codec", help="codec benchmark: size and speed on a big update")
     bc.add_argument("--numel", type=int, default=10_000_000, help="elements (default 10M)")
     bc.add_argument("--repeats", type=int, default=3, help="timing repeats (best of)")

@@ -11,6 +11,8 @@ Export folder layout (``FORMAT_VERSION`` 1)::
     config.json          HF config; rebuilds the architecture and holds ``id2label``
     tokenizer.json ...   the student's tokenizer (``save_pretrained``)
     model_int8.pt        ``torch.save(quantized_model.state_dict())``; loads with weights_only=True
+    model.onnx           only with ``onnx=True``: the float32 graph for onnxruntime
+                         (:mod:`feddistill.export_onnx`, the optional ``feddistill[onnx]``)
     export.json          manifest: kind, quantized module types, sizes, labels, versions
 
 With ``quantize=False`` the weights are written by ``save_pretrained`` instead (``kind`` float32).
@@ -24,15 +26,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.ao.nn.quantized as nnq
@@ -75,6 +77,7 @@ class ExportReport:
     quantized: bool
     onnx_path: Path | None = None
     quantized_modules: tuple[str, ...] = ()
+    onnx_bytes: int = 0
 
     def summary(self) -> str:
         """One line for the CLI and logs, e.g. ``student 62.5 MB -> export 15.9 MB (int8 ...)``."""
@@ -84,7 +87,7 @@ class ExportReport:
             kind = "float32, not quantized"
         line = f"student {_mb(self.source_bytes)} -> export {_mb(self.export_bytes)} ({kind})"
         if self.onnx_path is not None:
-            line += f"; onnx {self.onnx_path}"
+            line += f"; onnx {_mb(self.onnx_bytes)} (float32) {self.onnx_path}"
         return line
 
 
@@ -127,7 +130,9 @@ def export_student(
     if out.resolve() == src.resolve():
         raise ValueError(f"out_dir must differ from student_dir, got {str(out)!r} for both")
     if onnx:
-        _require_onnx_packages()  # fail before writing anything
+        from feddistill.export_onnx import EXPORT_PACKAGES, export_onnx, require
+
+        require(EXPORT_PACKAGES, "ONNX export (--onnx)")  # fail before writing anything
     model, tokenizer = _load_pretrained(src)
     model = model.float()  # int8 dynamic kernels take float32 input; a bf16 student is upcast
 
@@ -135,10 +140,13 @@ def export_student(
     # The manifest is written last and marks a complete export: drop any old one first, so a
     # failure midway cannot leave an old manifest describing new, half-written files.
     (out / MANIFEST_NAME).unlink(missing_ok=True)
+    # Nor may a model.onnx from an earlier export outlive a re-export without --onnx, where
+    # `predict --onnx` would still find and run it.
+    (out / ONNX_NAME).unlink(missing_ok=True)
     model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
-    onnx_path = _export_onnx(model, tokenizer, out / ONNX_NAME) if onnx else None
+    onnx_path = export_onnx(model, tokenizer, out / ONNX_NAME) if onnx else None
 
     modules: tuple[str, ...] = ()
     if quantize:
@@ -149,15 +157,16 @@ def export_student(
         export_bytes = weights.stat().st_size
     else:
         model.save_pretrained(out)
-        export_bytes = _weight_bytes(out)
+        export_bytes = weight_bytes(out)
 
     report = ExportReport(
         out_dir=out,
-        source_bytes=_weight_bytes(src),
+        source_bytes=weight_bytes(src),
         export_bytes=export_bytes,
         quantized=quantize,
         onnx_path=onnx_path,
         quantized_modules=modules,
+        onnx_bytes=onnx_path.stat().st_size if onnx_path is not None else 0,
     )
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -169,6 +178,7 @@ def export_student(
         "export_bytes": report.export_bytes,
         "labels": label_names(model.config),
         "onnx": ONNX_NAME if onnx_path is not None else None,
+        "onnx_bytes": report.onnx_bytes,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
@@ -229,43 +239,6 @@ def _quiet_quantization_warnings() -> Iterator[None]:
         yield
 
 
-def _require_onnx_packages() -> None:
-    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ImportError(
-            f"ONNX export needs the packages {missing}, which are not installed; feddistill does "
-            "not depend on them. Install them in this environment or export without --onnx."
-        )
-
-
-def _export_onnx(model: PreTrainedModel, tokenizer: object, path: Path) -> Path:
-    """Export the float model (int8 eager modules have no ONNX lowering) with dynamic shapes."""
-
-    class _Logits(torch.nn.Module):
-        # The exporter wants tensors out, not a ModelOutput.
-        def __init__(self, inner: PreTrainedModel) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    sample = tokenizer(["an example sentence", "another"], return_tensors="pt", padding=True)
-    torch.onnx.export(
-        _Logits(model.eval()),
-        (sample["input_ids"], sample["attention_mask"]),
-        str(path),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_axes={
-            "input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch"},
-        },
-    )
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # Loading and inference
 # --------------------------------------------------------------------------------------------
@@ -320,8 +293,26 @@ def predict(
     *,
     max_length: int = 128,
     batch_size: int = 32,
+    onnx: bool = False,
 ) -> list[Prediction]:
-    """Classify ``texts`` with the model in ``model_dir`` (either folder kind), in input order."""
+    """Classify ``texts`` with the model in ``model_dir`` (either folder kind), in input order.
+
+    With ``onnx=True`` the folder's ``model.onnx`` runs under onnxruntime instead of PyTorch;
+    tokenization, batching and the softmax are the same code either way.
+    """
+    if onnx:
+        from feddistill.export_onnx import load_onnx
+
+        classifier, tokenizer, labels = load_onnx(model_dir)
+        return classify(
+            lambda enc: torch.from_numpy(classifier.logits(enc)),
+            tokenizer,
+            labels,
+            texts,
+            max_length=max_length,
+            batch_size=batch_size,
+            max_positions=classifier.max_positions,
+        )
     model, tokenizer, labels = load_exported(model_dir)
     return predict_loaded(
         model, tokenizer, labels, texts, max_length=max_length, batch_size=batch_size
@@ -338,10 +329,41 @@ def predict_loaded(
     batch_size: int = 32,
 ) -> list[Prediction]:
     """:func:`predict` for an already loaded model, so callers can load once and predict often."""
+    return classify(
+        lambda enc: model(**enc).logits,
+        tokenizer,
+        labels,
+        texts,
+        max_length=max_length,
+        batch_size=batch_size,
+        max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
+    )
+
+
+def classify(
+    logits_fn: Callable[[Any], torch.Tensor],
+    tokenizer: Any,
+    labels: Sequence[str],
+    texts: Sequence[str],
+    *,
+    max_length: int = 128,
+    batch_size: int = 32,
+    max_positions: int | None = None,
+) -> list[Prediction]:
+    """Tokenize ``texts`` in batches, call ``logits_fn`` on each encoding, return predictions.
+
+    ``logits_fn`` maps the tokenizer's output (torch tensors) to logits ``[batch, labels]``; it
+    is the only part that differs between the PyTorch and the onnxruntime backend. Texts are
+    truncated to ``max_length`` tokens, or to ``max_positions`` (the model's position-embedding
+    count) when that is fewer: a longer input has no position embedding and would fail in
+    either backend (the default student has 64 positions, the default ``max_length`` is 128).
+    """
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of strings, got a single str")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_positions is not None:
+        max_length = min(max_length, max_positions)
     predictions: list[Prediction] = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
@@ -350,7 +372,7 @@ def predict_loaded(
                 batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length
             )
             # Softmax in float32 whatever the model's dtype, so probabilities sum to 1 closely.
-            probs = model(**enc).logits.float().softmax(dim=-1)
+            probs = logits_fn(enc).float().softmax(dim=-1)
             for text, row in zip(batch, probs.tolist(), strict=True):
                 best = max(range(len(row)), key=row.__getitem__)
                 predictions.append(
@@ -422,7 +444,8 @@ def _load_pretrained(folder: Path) -> tuple[PreTrainedModel, object]:
     return model, tokenizer
 
 
-def _weight_bytes(folder: Path) -> int:
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the ``save_pretrained`` weight files in ``folder`` (config, tokenizer excluded)."""
     return sum(p.stat().st_size for pattern in _WEIGHT_GLOBS for p in folder.glob(pattern))
 
 
@@ -448,7 +471,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="quantize Linear layers only, keep embeddings float32",
     )
     parser.add_argument(
-        "--onnx", action="store_true", help="also write model.onnx (needs onnx, onnxscript)"
+        "--onnx",
+        action="store_true",
+        help="also write model.onnx, the float32 graph for onnxruntime (needs the optional "
+        "extra: pip install 'feddistill[onnx]')",
     )
     return parser
 
@@ -472,8 +498,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--model DIR [--json] [--max-length N] TEXT...`` to ``parser``."""
+    """Add ``--model DIR [--onnx] [--json] [--max-length N] TEXT...`` to ``parser``."""
     parser.add_argument("--model", required=True, metavar="DIR", help="export or student folder")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="run DIR/model.onnx with onnxruntime instead of the PyTorch weights (an export "
+        "written with --onnx; needs pip install 'feddistill[onnx]')",
+    )
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="text(s) to classify")
     parser.add_argument("--json", action="store_true", help="print a JSON list of predictions")
     parser.add_argument("--max-length", type=int, default=128, help="truncate to N tokens")
@@ -483,8 +515,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 def run_predict(args: argparse.Namespace) -> int:
     """Run ``feddistill predict``; one line per text: ``label<TAB>p=..  (all probs)<TAB>text``."""
     try:
-        predictions = predict(args.model, args.texts, max_length=args.max_length)
-    except (FileNotFoundError, ValueError) as err:
+        predictions = predict(args.model, args.texts, max_length=args.max_length, onnx=args.onnx)
+    except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"feddistill predict: error: {err}", file=sys.stderr)
         return 2
     if args.json:

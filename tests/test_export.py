@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import shutil
@@ -365,17 +364,6 @@ def test_manifest_from_a_newer_format_is_rejected(export_dir: Path, tmp_path: Pa
 
     with pytest.raises(ValueError, match="format_version"):
         load_exported(tmp_path)
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxscript"),
-    reason="ONNX exporter packages are installed",
-)
-def test_onnx_without_packages_fails_before_writing(student_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ImportError, match="onnx"):
-        export_student(student_dir, tmp_path / "out", onnx=True)
-
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
