@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,18 @@ from feddistill.server.checkpoint import (
     snapshot,
     state_path,
 )
-from feddistill.server.grids import SAMPLER, private_sampling
+from feddistill.server.grids import SAMPLER, SIMULATED_PARTITIONS, private_sampling
 from feddistill.server.progress import RoundWatch, WatchedGrid
 from feddistill.server.results import RunRecord, summarize_local_only
 from feddistill.server.tail import TailAverage, window_start
 from feddistill.strategies import CompressedStrategy, build_strategy
-from feddistill.task import InitialModels, initial_models, partitions, server_data
+from feddistill.task import (
+    InitialModels,
+    initial_models,
+    partition_example_counts,
+    partitions,
+    server_data,
+)
 from feddistill.wire import server_config
 
 log = logging.getLogger("feddistill")
@@ -152,7 +158,13 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
             models.student_tokenizer, test_split.texts, test_split.labels, cfg.data.max_length
         )
     server_student = copy.deepcopy(models.student)
-    strategy = build_strategy(cfg, cfg.data.num_clients, models.schema, models.init_arrays)
+    strategy = build_strategy(
+        cfg,
+        cfg.data.num_clients,
+        models.schema,
+        models.init_arrays,
+        known_examples=_known_examples(cfg) if simulated else None,
+    )
     dense_bytes = dense_float32_bytes(models.init_arrays)
     record = RunRecord(
         out_dir=out,
@@ -284,6 +296,22 @@ def _run_server(grid: Grid, cfg: Config, progress: str, simulated: bool) -> RunR
         record.path,
     )
     return record
+
+
+def _known_examples(cfg: Config) -> Callable[[int], tuple[int, int] | None]:
+    """Node id -> (training, validation) examples of its partition, for admission control.
+
+    Known only for nodes of a simulation in this process (``feddistill simulate``); under
+    ``flwr run`` the simulated SuperLink lives in another process, the mapping stays empty, and
+    ``num-examples`` falls back to the deployment cap (``server.max-examples-factor``).
+    """
+    counts = partition_example_counts(cfg)
+
+    def lookup(node: int) -> tuple[int, int] | None:
+        pid = SIMULATED_PARTITIONS.get(node)
+        return counts[pid] if pid is not None and 0 <= pid < len(counts) else None
+
+    return lookup
 
 
 def _checkpoint_path(folder: Path, server_round: int) -> Path:

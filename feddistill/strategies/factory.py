@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from flwr.serverapp.strategy import (
 
 from feddistill.codec import parse_spec
 from feddistill.config import Config
+from feddistill.strategies.admission import AdmissionPolicy
 from feddistill.strategies.compressed import CompressedStrategy
 
 
@@ -64,7 +66,11 @@ def build_strategy(
     num_nodes: int,
     schema: list[tuple[str, tuple[int, ...]]],
     initial: dict[str, np.ndarray],
+    known_examples: Callable[[int], tuple[int, int] | None] | None = None,
 ) -> CompressedStrategy:
+    """``known_examples``: node -> (training, validation) examples it holds, where the server
+    knows (simulation); admission control refuses larger ``num-examples`` claims."""
+    s = cfg.server
     return CompressedStrategy(
         inner_strategy(cfg, num_nodes),
         schema=schema,
@@ -75,4 +81,11 @@ def build_strategy(
         seed=cfg.seed,
         min_replies=cfg.server.min_replies,
         uniform=cfg.server.weighting == "uniform",
+        admission=AdmissionPolicy(
+            max_examples_factor=s.max_examples_factor,
+            max_update_norm_ratio=s.max_update_norm_ratio,
+            max_update_norm=s.max_update_norm,
+            norm_action=s.update_norm_action,
+        ),
+        known_examples=known_examples,
     )
