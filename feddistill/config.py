@@ -235,7 +235,7 @@ class ServerConfig:
     weighting: str = "examples"
     average_last: float = 0.25
     max_examples_factor: float = 10.0
-    max_update_norm_ratio: float = 10.0
+    max_update_norm_ratio: float = 5.0
     max_update_norm: float = 0.0
     update_norm_action: str = "reject"
 

@@ -61,7 +61,7 @@ class AdmissionPolicy:
     """
 
     max_examples_factor: float = 10.0
-    max_update_norm_ratio: float = 10.0
+    max_update_norm_ratio: float = 5.0
     max_update_norm: float = 0.0
     norm_action: str = "reject"
 

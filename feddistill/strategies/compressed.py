@@ -336,7 +336,8 @@ class CompressedStrategy(Strategy):
                     c.norm,
                     bound,
                 )
-            dense = {n: self._global[n] + delta[n] for n in self.names}
+            with np.errstate(over="ignore"):  # an overflow to Inf is refused just below
+                dense = {n: self._global[n] + delta[n] for n in self.names}
             if not all_finite(dense):
                 err = AdmissionError("non-finite", "global + update is not finite (overflow)")
                 self._refuse(stats.failures, server_round, c.node, err)
