@@ -208,6 +208,12 @@ class ServerConfig:
     ``average_last``: the run's output model is the average of the global models of the last
     rounds (< 1: that fraction of ``rounds``, rounded up; >= 1: a count; 0: the last global), so
     that no single round's client sample decides it (README, "Averaged output model").
+
+    Admission control (docs/robustness.md): ``max_examples_factor`` caps a reply's
+    ``num-examples`` at that multiple of the round's median claim where the server does not
+    know the node's data (deployment; 0 = off); updates whose L2 norm exceeds
+    ``max_update_norm_ratio`` times the round's median norm, or ``max_update_norm``, are
+    rejected or clipped (``update_norm_action``; 0 = that bound off).
     """
 
     strategy: str = "fedavgm"
@@ -227,6 +233,10 @@ class ServerConfig:
     local_only_epochs: int = 10
     weighting: str = "examples"
     average_last: float = 0.25
+    max_examples_factor: float = 10.0
+    max_update_norm_ratio: float = 5.0
+    max_update_norm: float = 0.0
+    update_norm_action: str = "reject"
 
     def __post_init__(self) -> None:
         _check_choice("server.strategy", self.strategy, tuple(STRATEGIES))
@@ -259,6 +269,15 @@ class ServerConfig:
         _check_choice("server.local-only", self.local_only, ("auto", "on", "off"))
         _check_range("server.local-only-epochs", self.local_only_epochs, lo=1, hi=10_000)
         _check_range("server.average-last", self.average_last, lo=0, hi=100_000)
+        for key, value in (
+            ("server.max-examples-factor", self.max_examples_factor),
+            ("server.max-update-norm-ratio", self.max_update_norm_ratio),
+        ):
+            _check_range(key, value, lo=0)
+            if 0 < value < 1:
+                _fail(key, value, "0 (off) or a factor >= 1 (below 1 refuses typical replies)")
+        _check_range("server.max-update-norm", self.max_update_norm, lo=0)
+        _check_choice("server.update-norm-action", self.update_norm_action, ("reject", "clip"))
         if self.average_last >= 1 and self.average_last != int(self.average_last):
             _fail(
                 "server.average-last",

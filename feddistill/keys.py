@@ -1,4 +1,13 @@
-"""Record keys shared by the ServerApp, the ClientApp and the strategy wrapper (one place only)."""
+"""Record keys shared by the ServerApp, the ClientApp and the strategy wrapper (one place only).
+
+Also what each kind of reply may carry (`TRAIN_REPLY`, `EVALUATE_REPLY`): the client app builds
+its replies from these schemas and the server's admission control
+(:mod:`feddistill.strategies.admission`) checks every reply against the same ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 ARRAYS = "arrays"  # ArrayRecord key, as Flower's strategies use by default
 CONFIG = "config"  # ConfigRecord key
@@ -21,3 +30,34 @@ TEACHER_VAL_ACCURACY = "teacher-val-accuracy"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 CLIENT_SECONDS = "client-seconds"
+TEACHER_FITTED = "teacher-fitted"  # 1.0 when the client fine-tuned its teacher this round
+STATE_BYTES = "state-bytes"  # node-local client state on disk after the round
+
+
+@dataclass(frozen=True)
+class ReplySchema:
+    """The records and metric keys one kind of reply carries, and nothing else.
+
+    ``payload``: the reply has the ArrayRecord ``ARRAYS`` holding the single uint8 ``PAYLOAD``
+    array (train replies) or no ArrayRecord at all (evaluate replies). Metrics live in the one
+    MetricRecord ``METRICS``: every ``required`` key must be there; ``optional`` keys may be
+    left out (an older client); anything else is unknown and dropped by the server.
+    """
+
+    payload: bool
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        return self.required + self.optional
+
+
+# num-examples is what Flower's strategies weight by: a reply without it cannot be aggregated.
+TRAIN_REPLY = ReplySchema(
+    payload=True,
+    required=(NUM_EXAMPLES,),
+    optional=(TRAIN_LOSS, TRAIN_ACCURACY, TEACHER_FITTED, CLIENT_SECONDS, STATE_BYTES),
+)
+# An evaluation reply exists to report these three.
+EVALUATE_REPLY = ReplySchema(payload=False, required=(NUM_EXAMPLES, EVAL_LOSS, EVAL_ACCURACY))

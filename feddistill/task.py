@@ -133,16 +133,31 @@ def partitions(cfg: Config) -> tuple[np.ndarray, ...]:
     return _partitions(_data_key(cfg.data, cfg.seed))
 
 
-def partition_split(cfg: Config, partition_id: int) -> tuple[TextSplit, TextSplit]:
-    """Train/validation split of one simulated client's partition."""
+def _partition_indices(cfg: Config, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of one simulated client's training and validation examples."""
     if not 0 <= partition_id < cfg.data.num_clients:
         raise DataError(
             f"partition-id {partition_id} outside [0, {cfg.data.num_clients}): the federation "
             f"has more nodes than data.num-clients = {cfg.data.num_clients}"
         )
-    train, _, _ = source_splits(cfg)
     idx = partitions(cfg)[partition_id]
-    tr, va = train_val_split(idx, val_fraction=cfg.data.val_fraction, seed=cfg.seed + partition_id)
+    return train_val_split(idx, val_fraction=cfg.data.val_fraction, seed=cfg.seed + partition_id)
+
+
+def partition_example_counts(cfg: Config) -> list[tuple[int, int]]:
+    """(training, validation) examples of every simulated client, by partition id: the
+    ``num-examples`` an honest client reports for training and for evaluation."""
+    counts = []
+    for pid in range(cfg.data.num_clients):
+        tr, va = _partition_indices(cfg, pid)
+        counts.append((len(tr), len(va)))
+    return counts
+
+
+def partition_split(cfg: Config, partition_id: int) -> tuple[TextSplit, TextSplit]:
+    """Train/validation split of one simulated client's partition."""
+    tr, va = _partition_indices(cfg, partition_id)
+    train, _, _ = source_splits(cfg)
     pick = lambda ids: TextSplit([train.texts[i] for i in ids], [train.labels[i] for i in ids])  # noqa: E731
     return pick(tr), pick(va)
 

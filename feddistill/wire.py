@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from feddistill import keys
@@ -22,6 +22,23 @@ RUN_ID_BYTES = 8  # random: two runs share an id with probability ~2**-64
 def payload_record(payload: np.ndarray) -> ArrayRecord:
     """One uint8 Array per message: each Array costs ~128 bytes of framing."""
     return ArrayRecord({keys.PAYLOAD: Array(np.ascontiguousarray(payload, dtype=np.uint8))})
+
+
+def metric_record(schema: keys.ReplySchema, metrics: dict[str, float]) -> MetricRecord:
+    """The reply's MetricRecord, holding exactly what ``schema`` declares.
+
+    The server drops unknown keys and refuses replies without a required one
+    (:mod:`feddistill.strategies.admission`); checking here makes a key added on one side only
+    fail in the client's own tests, not silently on the server.
+    """
+    unknown = sorted(set(metrics) - set(schema.metric_keys))
+    missing = [k for k in schema.required if k not in metrics]
+    if unknown or missing:
+        raise ValueError(
+            f"reply metrics do not match their schema: unknown {unknown}, missing {missing}; "
+            "declare new keys in feddistill.keys"
+        )
+    return MetricRecord({k: float(v) for k, v in metrics.items()})
 
 
 def message_bytes(msg: Message) -> int:

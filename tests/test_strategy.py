@@ -60,7 +60,10 @@ def _request(node: int) -> Message:
 
 def _reply(node: int, record: ArrayRecord, n: int) -> Message:
     content = RecordDict(
-        {keys.ARRAYS: record, keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, "loss": 1.0})}
+        {
+            keys.ARRAYS: record,
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 1.0}),
+        }
     )
     return Message(content, reply_to=_request(node))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from feddistill import keys
@@ -19,7 +19,7 @@ from feddistill.codec import PayloadError
 from feddistill.config import ConfigError, config_from_json
 from feddistill.data import DataError
 from feddistill.models.build import Labels, ModelError
-from feddistill.wire import payload_record, unpack_run_config, unpack_run_id
+from feddistill.wire import metric_record, payload_record, unpack_run_config, unpack_run_id
 
 _MOD_FAILED_PRECONDITION = 6  # flwr.common.constant.ErrorCode.MOD_FAILED_PRECONDITION
 # OSError: a missing or unreadable file or cache folder on the device (FileNotFoundError,
@@ -62,7 +62,10 @@ def train(msg: Message, context: Context) -> Message:
     except _EXPECTED as err:
         return _error_reply(msg, err)
     content = RecordDict(
-        {keys.ARRAYS: payload_record(payload), keys.METRICS: MetricRecord(metrics)}
+        {
+            keys.ARRAYS: payload_record(payload),
+            keys.METRICS: metric_record(keys.TRAIN_REPLY, metrics),
+        }
     )
     return Message(content=content, reply_to=msg)
 
@@ -73,4 +76,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = evaluate_round(unpack(msg), dict(context.node_config))
     except _EXPECTED as err:
         return _error_reply(msg, err)
-    return Message(content=RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({keys.METRICS: metric_record(keys.EVALUATE_REPLY, metrics)})
+    return Message(content=content, reply_to=msg)

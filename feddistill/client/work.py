@@ -373,13 +373,13 @@ def train_round(
             residual_after(update, encoded.decoded), inp.server_round, run=inp.run_id
         )
 
-    metrics = {
-        "num-examples": float(len(data.train)),
-        "train-loss": stats.loss,
-        "train-accuracy": stats.accuracy,
-        "teacher-fitted": float(fitted),
-        "client-seconds": time.perf_counter() - t0,
-        "state-bytes": float(state.disk_bytes()),
+    metrics = {  # keys.TRAIN_REPLY declares these
+        keys.NUM_EXAMPLES: float(len(data.train)),
+        keys.TRAIN_LOSS: stats.loss,
+        keys.TRAIN_ACCURACY: stats.accuracy,
+        keys.TEACHER_FITTED: float(fitted),
+        keys.CLIENT_SECONDS: time.perf_counter() - t0,
+        keys.STATE_BYTES: float(state.disk_bytes()),
     }
     # The cached initial models stay on CPU (only deep copies were moved to the device), so
     # dropping these copies and emptying the allocator's cache leaves an idle worker no GPU memory.
@@ -404,8 +404,8 @@ def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, fl
     del student
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {
-        "num-examples": float(stats.examples),
-        "eval-loss": stats.loss if stats.examples else 0.0,
-        "eval-accuracy": stats.accuracy if stats.examples else 0.0,
+    return {  # keys.EVALUATE_REPLY declares these
+        keys.NUM_EXAMPLES: float(stats.examples),
+        keys.EVAL_LOSS: stats.loss if stats.examples else 0.0,
+        keys.EVAL_ACCURACY: stats.accuracy if stats.examples else 0.0,
     }

@@ -18,6 +18,7 @@ from .wire import (
     decode,
     dense_float32_bytes,
     encode,
+    max_encoded_bytes,
     schema_hash,
     schema_of,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "encode",
     "error_bound",
     "load_arrays",
+    "max_encoded_bytes",
     "parse_spec",
     "residual_after",
     "rice_bits_per_value",

@@ -578,3 +578,36 @@ def _decode_values(reader: _Reader, where: str, bits: int, count: int, chunk: in
     if not np.isfinite(values).all():
         raise PayloadError("value-finite", f"{where}: non-finite decoded value")
     return values
+
+
+def max_encoded_bytes(schema: Schema, spec: CompressionSpec) -> int:
+    """The longest payload `encode` writes for an update of `schema` under `spec`, any values.
+
+    The receiver's size limit (a reply longer than this was not written by our encoder): read
+    off the layout in the module docstring, taking the worst case wherever the encoder chooses
+    by the values. Per section:
+
+    * kept units: every unit for ``none`` and ``thresh``; ``max(1, round(keep · units))`` per
+      tensor for ``topk`` and over the section for ``gtopk`` (`kept_count`), each unit at most
+      ``block`` elements and never more than the tensor holds;
+    * positions: at most the bitmap, ``ceil(units / 8)`` bytes (the encoder writes the smaller
+      of bitmap and Rice; ALL and EMPTY cost nothing);
+    * values: 4 bytes each for float codes (float16 turns into float32 for values beyond its
+      range); for 2..8 bits, a float32 scale per ``chunk`` kept values plus the packed codes.
+    """
+    entries = _checked_schema(schema)
+    dense = [numel for _, _, numel in entries if numel < spec.dense_below]
+    sparse = [numel for _, _, numel in entries if numel >= spec.dense_below]
+    n_units = unit_count(sparse, spec.block)
+    if spec.select == "topk":
+        kept = sum(min(n, kept_count(-(-n // spec.block), spec.keep) * spec.block) for n in sparse)
+    elif spec.select == "gtopk":
+        kept = min(sum(sparse), kept_count(n_units, spec.keep) * spec.block)
+    else:
+        kept = sum(sparse)
+    if spec.bits >= 16:
+        values = 4 * kept
+    else:
+        values = 4 * -(-kept // spec.chunk) + packed_code_bytes(spec.bits, kept)
+    positions = 0 if spec.select == "none" else -(-n_units // 8)
+    return HEADER_BYTES + 2 * RECORD_BYTES + 4 * sum(dense) + positions + values

@@ -15,6 +15,7 @@ rewritten line on a terminal, or at most one line per round otherwise (logs, CI)
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -28,7 +29,6 @@ from flwr.superlink.grid import HttpGrid, InMemoryGrid
 from feddistill import keys
 from feddistill.server.grids import DelegatingGrid
 
-STATE_BYTES = "state-bytes"  # MetricRecord entry of train replies (client/work.py)
 # The simulation's InMemoryGrid polls every 0.1 s (its constructor's default); a pull there is a
 # dictionary lookup, and a shorter wait takes up to 0.1 s off each phase of every round.
 IN_MEMORY_PULL_INTERVAL = 0.02
@@ -87,8 +87,9 @@ class RoundWatch:
             self._done += 1
             if self._phase == "train" and not msg.has_error():
                 metrics = msg.content.metric_records.get(keys.METRICS)
-                value = None if metrics is None else metrics.get(STATE_BYTES)
-                if isinstance(value, (int, float)):
+                value = None if metrics is None else metrics.get(keys.STATE_BYTES)
+                # Read before admission control: a hostile NaN must not reach results.json.
+                if isinstance(value, (int, float)) and math.isfinite(value):
                     self.state_bytes.setdefault(self._round, []).append(float(value))
         self._draw()
 

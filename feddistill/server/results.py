@@ -96,6 +96,22 @@ class RunRecord:
             "failures": len(traffic.failures),
             "failure_reasons": [f"node {n}: {r}" for n, r in traffic.failures],
             "round_failure": traffic.round_failure or None,
+            # Admission control (docs/robustness.md)
+            "eval_failures": len(traffic.eval_failures),
+            "eval_failure_reasons": [f"node {n}: {r}" for n, r in traffic.eval_failures],
+            "update_norms": {str(k): v for k, v in traffic.update_norms.items()},
+            "clipped": [
+                {"node": n, "norm": norm, "bound": bound} for n, norm, bound in traffic.clipped
+            ],
+            "capped_examples": [
+                {"node": n, "claimed": claim, "cap": cap}
+                for n, claim, cap in traffic.capped_examples
+            ],
+            "eval_capped_examples": [
+                {"node": n, "claimed": claim, "cap": cap}
+                for n, claim, cap in traffic.eval_capped_examples
+            ],
+            "aggregation_errors": list(traffic.aggregation_errors),
             "train": traffic.train_metrics,
             "federated_evaluation": traffic.eval_metrics,
             "seconds": seconds,
@@ -132,6 +148,7 @@ class RunRecord:
             "bytes_down_total": sum(r["bytes_down"] for r in self.rounds),
             "eval_bytes_down_total": sum(r["eval_bytes_down"] for r in self.rounds),
             "failures_total": sum(r["failures"] for r in self.rounds),
+            "clipped_total": sum(len(r.get("clipped", ())) for r in self.rounds),
             "seconds_total": time.time() - self.started,
             **final,
         }

@@ -12,7 +12,7 @@ import copy
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,19 @@ from feddistill.server.checkpoint import (
     snapshot,
     state_path,
 )
-from feddistill.server.grids import SAMPLER, private_sampling
+from feddistill.server.grids import SAMPLER, SIMULATED_PARTITIONS, private_sampling
 from feddistill.server.progress import RoundWatch, WatchedGrid
 from feddistill.server.results import RunRecord, per_class_result, summarize_local_only
 from feddistill.server.tail import TailAverage, window_start
 from feddistill.server.tracking import Tracker
 from feddistill.strategies import CompressedStrategy, build_strategy
-from feddistill.task import InitialModels, initial_models, partitions, server_data
+from feddistill.task import (
+    InitialModels,
+    initial_models,
+    partition_example_counts,
+    partitions,
+    server_data,
+)
 from feddistill.wire import RUN_ID_BYTES, server_config
 
 log = logging.getLogger("feddistill")
@@ -157,7 +163,13 @@ def _run_server(
             models.student_tokenizer, test_split.texts, test_split.labels, cfg.data.max_length
         )
     server_student = copy.deepcopy(models.student)
-    strategy = build_strategy(cfg, cfg.data.num_clients, models.schema, models.init_arrays)
+    strategy = build_strategy(
+        cfg,
+        cfg.data.num_clients,
+        models.schema,
+        models.init_arrays,
+        known_examples=_known_examples(cfg) if simulated else None,
+    )
     dense_bytes = dense_float32_bytes(models.init_arrays)
     record = RunRecord(
         out_dir=out,
@@ -303,6 +315,22 @@ def _run_server(
         record.path,
     )
     return record
+
+
+def _known_examples(cfg: Config) -> Callable[[int], tuple[int, int] | None]:
+    """Node id -> (training, validation) examples of its partition, for admission control.
+
+    Known only for nodes of a simulation in this process (``feddistill simulate``); under
+    ``flwr run`` the simulated SuperLink lives in another process, the mapping stays empty, and
+    ``num-examples`` falls back to the deployment cap (``server.max-examples-factor``).
+    """
+    counts = partition_example_counts(cfg)
+
+    def lookup(node: int) -> tuple[int, int] | None:
+        pid = SIMULATED_PARTITIONS.get(node)
+        return counts[pid] if pid is not None and 0 <= pid < len(counts) else None
+
+    return lookup
 
 
 def _checkpoint_path(folder: Path, server_round: int) -> Path:

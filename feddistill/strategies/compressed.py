@@ -19,8 +19,14 @@ Downlink, two protocols chosen by the downlink spec:
 Uplink: a client's payload decodes to ``delta_i = student_i - received``; the wrapper hands the
 inner strategy dense weights ``global + delta_i``, so FedAvg gives ``global + mean(delta)``,
 FedAdam's pseudo-gradient is ``mean(delta)``, FedMedian takes the median delta, and with the
-"none" codec everything equals Flower's own strategy on dense weights. Invalid replies are
-dropped with a logged reason naming the node and the failed check, and counted as failures.
+"none" codec everything equals Flower's own strategy on dense weights.
+
+Admission control (:mod:`feddistill.strategies.admission`, docs/robustness.md): every reply,
+training and evaluation, is checked against its declared schema (`keys.TRAIN_REPLY`,
+`keys.EVALUATE_REPLY`) before the inner strategy sees it, and each decoded update against the
+round's norm bound and for a finite ``global + delta``. A reply that fails is dropped with a
+logged reason naming the node and the rule, and counted as a failure; an exception raised by the
+inner strategy while aggregating fails the round (global unchanged), never the server.
 
 Resume (``feddistill.server.checkpoint``): ``Strategy.start`` always counts from round 1, so a run
 resumed after round k sets ``round_offset = k`` and every hook sees ``k + round`` (the inner
@@ -33,9 +39,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -43,12 +49,38 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from feddistill import keys
-from feddistill.codec import CompressionSpec, PayloadError, decode, encode
+from feddistill.codec import CompressionSpec, PayloadError, decode, encode, max_encoded_bytes
 from feddistill.codec.chain import DIGEST_CHECK, ChainSender
+from feddistill.strategies.admission import (
+    AdmissionError,
+    AdmissionPolicy,
+    all_finite,
+    check_metrics,
+    check_num_examples,
+    check_records,
+    examples_cap,
+    norm_bound,
+    update_norm,
+)
 from feddistill.strategies.state import load_strategy_state_dict, strategy_state_dict
 from feddistill.wire import message_bytes, payload_record
 
 log = logging.getLogger("feddistill.server")
+_T = TypeVar("_T")
+
+# Headroom over the encoder's worst case (`max_encoded_bytes`), so that a codec change that
+# grows payloads a little fails the codec's bound test rather than every reply of a federation.
+PAYLOAD_MARGIN_FRACTION = 0.01
+PAYLOAD_MARGIN_BYTES = 1024
+
+
+def payload_limit(
+    schema: Sequence[tuple[str, tuple[int, ...]]], spec: CompressionSpec, cap: int
+) -> int:
+    """The longest uplink payload accepted: the encoder's worst case for this model and spec,
+    plus a margin, and never above ``cap`` (``compression.max-payload-mb``)."""
+    worst = max_encoded_bytes(schema, spec)
+    return min(cap, worst + int(worst * PAYLOAD_MARGIN_FRACTION) + PAYLOAD_MARGIN_BYTES)
 
 
 @dataclass
@@ -64,6 +96,24 @@ class RoundTraffic:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     replies: int = 0
     round_failure: str = ""  # why aggregation left the global unchanged, if it did
+    update_norms: dict[int, float] = field(default_factory=dict)  # L2 norm of each decoded update
+    clipped: list[tuple[int, float, float]] = field(default_factory=list)  # node, norm, bound
+    capped_examples: list[tuple[int, int, int]] = field(default_factory=list)  # node, claim, cap
+    eval_capped_examples: list[tuple[int, int, int]] = field(default_factory=list)
+    aggregation_errors: list[str] = field(default_factory=list)  # the inner strategy raised
+
+
+@dataclass
+class _Candidate:
+    """A reply that passed the per-reply checks, waiting for the round-wide ones."""
+
+    node: int
+    msg: Message
+    metrics: dict[str, float]
+    examples: int
+    known: bool  # the server knows this node's example count (simulation)
+    delta: dict[str, np.ndarray] = field(default_factory=dict)
+    norm: float = 0.0
 
 
 class CompressedStrategy(Strategy):
@@ -82,6 +132,8 @@ class CompressedStrategy(Strategy):
         min_replies: int = 1,
         round_offset: int = 0,
         uniform: bool = False,
+        admission: AdmissionPolicy | None = None,
+        known_examples: Callable[[int], tuple[int, int] | None] | None = None,
     ) -> None:
         self.inner = inner
         self.uniform = uniform
@@ -90,7 +142,10 @@ class CompressedStrategy(Strategy):
         self.initial = {n: np.asarray(initial[n], dtype=np.float32) for n in self.names}
         self.uplink = uplink
         self.downlink = downlink
-        self.max_payload_bytes = max_payload_bytes
+        self.max_payload_bytes = payload_limit(self.schema, uplink, max_payload_bytes)
+        self.admission = admission or AdmissionPolicy()
+        # node -> (training, validation) examples it holds, where the server knows (simulation)
+        self.known_examples = known_examples
         self.seed = seed
         self.min_replies = min_replies
         self.round_offset = round_offset  # rounds completed before this start() (resume)
@@ -192,8 +247,8 @@ class CompressedStrategy(Strategy):
     def inner_key(self) -> str:
         return getattr(self.inner, "arrayrecord_key", keys.ARRAYS)
 
-    def decode_reply(self, msg: Message) -> ArrayRecord:
-        """Dense weights ``global + delta`` from one reply; PayloadError names the failed check."""
+    def decode_delta(self, msg: Message) -> dict[str, np.ndarray]:
+        """The update ``delta`` of one reply; PayloadError names the failed check."""
         content = msg.content
         if self.inner_key not in content.array_records:
             raise PayloadError("names", f"reply has no ArrayRecord {self.inner_key!r}")
@@ -206,14 +261,147 @@ class CompressedStrategy(Strategy):
                 "dtype", f"payload must be 1-D uint8, got {array.dtype}{array.shape}"
             )
         if array.shape[0] > self.max_payload_bytes:
-            raise PayloadError("size-limit", f"payload of {array.shape[0]} bytes over the limit")
-        metrics = content.metric_records.get(keys.METRICS)
-        n = None if metrics is None else metrics.get(keys.NUM_EXAMPLES)
-        if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
-            raise PayloadError("metrics", f"num-examples must be a positive number, got {n!r}")
-        delta = decode(array.numpy(), self.schema, max_payload_bytes=self.max_payload_bytes)
+            raise PayloadError(
+                "size-limit",
+                f"payload of {array.shape[0]} bytes over the limit of {self.max_payload_bytes} "
+                f"for this model and uplink {self.uplink.to_string()!r}",
+            )
+        return decode(array.numpy(), self.schema, max_payload_bytes=self.max_payload_bytes)
+
+    def _admit(
+        self, server_round: int, node: int, msg: Message, schema: keys.ReplySchema
+    ) -> _Candidate:
+        """Records, metrics and num-examples of one reply (rules 1-3 of the admission module)."""
+        content = msg.content
+        extra = check_records(content, schema, self.inner_key if schema.payload else None)
+        metrics, unknown = check_metrics(content.metric_records[keys.METRICS], schema)
+        sizes = self.known_examples(node) if self.known_examples is not None else None
+        known = None if sizes is None else sizes[0 if schema.payload else 1]
+        examples = check_num_examples(
+            metrics[keys.NUM_EXAMPLES], positive=schema.payload, known=known
+        )
+        dropped = extra + [f"metric {k!r}" for k in unknown]
+        if dropped:
+            shown = ", ".join(dropped[:5]) + (
+                f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+            )
+            log.info(
+                "round %d: node %s: dropped what no schema declares: %s", server_round, node, shown
+            )
+        return _Candidate(node, msg, metrics, examples, known is not None)
+
+    def _refuse(
+        self, sink: list[tuple[int, str]], server_round: int, node: int, err: Exception
+    ) -> None:
+        if isinstance(err, PayloadError):
+            reason = f"invalid payload ({err.check}): {err}"
+        else:
+            reason = f"rejected ({getattr(err, 'rule', 'admission')}): {err}"
+        sink.append((node, reason))
+        log.warning("round %d: dropped reply of node %s: %s", server_round, node, reason)
+
+    def _cap_examples(
+        self, server_round: int, candidates: list[_Candidate], sink: list[tuple[int, int, int]]
+    ) -> None:
+        """Where the server does not know a node's data (deployment), no claim above
+        ``server.max-examples-factor`` times the round's median claim."""
+        cap = examples_cap([c.examples for c in candidates], self.admission.max_examples_factor)
+        for c in candidates:
+            if cap is not None and not c.known and c.examples > cap:
+                sink.append((c.node, c.examples, cap))
+                log.warning(
+                    "round %d: node %s claims %s = %d; capped at %d (server.max-examples-factor)",
+                    server_round,
+                    c.node,
+                    keys.NUM_EXAMPLES,
+                    c.examples,
+                    cap,
+                )
+                c.examples = cap
+
+    def _shared_metrics(self, candidates: list[_Candidate]) -> set[str]:
+        """Metric keys every candidate carries: Flower's aggregation refuses replies whose keys
+        differ, so an optional key some replies lack is left out of this round's aggregate."""
+        shared = set.intersection(*(set(c.metrics) for c in candidates))
+        lacking = set.union(*(set(c.metrics) for c in candidates)) - shared
+        if lacking:
+            log.info(
+                "metrics %s are not in every reply; left out of this round's aggregate",
+                sorted(lacking),
+            )
+        return shared
+
+    def _bounded_updates(
+        self, server_round: int, candidates: list[_Candidate], stats: RoundTraffic
+    ) -> list[Message]:
+        """The round-wide rules (examples cap, update norm, finite after apply), then each
+        surviving reply rebuilt as what the inner strategy expects: dense ``global + delta``
+        and the admitted metrics only."""
+        if not candidates:
+            return []
+        self._cap_examples(server_round, candidates, stats.capped_examples)
+        for c in candidates:
+            c.norm = update_norm(c.delta)
+            stats.update_norms[c.node] = c.norm
+        bound = norm_bound([c.norm for c in candidates], self.admission)
+        shared = self._shared_metrics(candidates)
         assert self._global is not None, "configure_train runs before aggregate_train"
-        return ArrayRecord({n: Array(self._global[n] + delta[n]) for n in self.names})
+        out = []
+        for c in candidates:
+            delta = c.delta
+            if bound is not None and c.norm > bound:
+                if self.admission.norm_action == "reject":
+                    err = AdmissionError(
+                        "update-norm",
+                        f"update L2 norm {c.norm:.4g} > bound {bound:.4g} (server.max-update-norm"
+                        "-ratio x the round's median norm, or server.max-update-norm)",
+                    )
+                    self._refuse(stats.failures, server_round, c.node, err)
+                    continue
+                scale = np.float32(bound / c.norm)
+                delta = {n: d * scale for n, d in delta.items()}
+                stats.clipped.append((c.node, c.norm, bound))
+                log.warning(
+                    "round %d: update of node %s clipped from L2 norm %.4g to %.4g",
+                    server_round,
+                    c.node,
+                    c.norm,
+                    bound,
+                )
+            with np.errstate(over="ignore"):  # an overflow to Inf is refused just below
+                dense = {n: self._global[n] + delta[n] for n in self.names}
+            if not all_finite(dense):
+                err = AdmissionError("non-finite", "global + update is not finite (overflow)")
+                self._refuse(stats.failures, server_round, c.node, err)
+                continue
+            out.append(
+                self._rebuilt(c, shared, ArrayRecord({n: Array(dense[n]) for n in self.names}))
+            )
+        return out
+
+    def _rebuilt(self, c: _Candidate, shared: set[str], arrays: ArrayRecord | None) -> Message:
+        metrics = {k: v for k, v in c.metrics.items() if k in shared}
+        metrics[keys.NUM_EXAMPLES] = (
+            1.0 if self.uniform and arrays is not None else float(c.examples)
+        )
+        content = RecordDict({keys.METRICS: MetricRecord(metrics)})
+        if arrays is not None:
+            content[self.inner_key] = arrays
+        c.msg.content = content
+        return c.msg
+
+    def _guarded(
+        self, server_round: int, stats: RoundTraffic, phase: str, call: Callable[[], _T]
+    ) -> _T | None:
+        """Run the inner strategy's aggregation; an exception fails the round, not the server."""
+        try:
+            return call()
+        except Exception as err:  # any bug or refusal inside the inner strategy
+            inner = type(self.inner).__name__
+            reason = f"{phase} aggregation in {inner} raised {type(err).__name__}: {err}"
+            stats.aggregation_errors.append(reason)
+            log.error("round %d: %s; global unchanged", server_round, reason)
+            return None
 
     # -- the four wire hooks ------------------------------------------------------------------
     def configure_train(
@@ -239,7 +427,7 @@ class CompressedStrategy(Strategy):
             for m in self._train_requests.pop(server_round, [])
             if m.metadata.message_id  # empty if never sent through a Grid
         }
-        valid: list[Message] = []
+        candidates: list[_Candidate] = []
         for msg in replies:
             node = asked.pop(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
@@ -250,35 +438,42 @@ class CompressedStrategy(Strategy):
                 continue
             stats.bytes_up[node] = message_bytes(msg)
             try:
-                msg.content[self.inner_key] = self.decode_reply(msg)
-            except PayloadError as err:
-                reason = f"invalid payload ({err.check}): {err}"
-                stats.failures.append((node, reason))
-                log.warning("round %d: dropped reply of node %s: %s", server_round, node, reason)
+                candidate = self._admit(server_round, node, msg, keys.TRAIN_REPLY)
+                candidate.delta = self.decode_delta(msg)
+            except (AdmissionError, PayloadError) as err:
+                self._refuse(stats.failures, server_round, node, err)
                 continue
-            if self.uniform:  # every reply weighs the same in the inner strategy's average
-                msg.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES] = 1.0
             self._answered(node, ok=True)
-            valid.append(msg)
+            candidates.append(candidate)
         for node in asked.values():  # sent, but nothing came back before the round timed out
             reason = "no reply within server.round-timeout"
             stats.failures.append((node, reason))
             log.warning("round %d: node %s failed: %s", server_round, node, reason)
+        valid = self._bounded_updates(server_round, candidates, stats)
         stats.replies = len(valid)
         if len(valid) < self.min_replies:
             # Too few clients answered (dropouts, timeouts, bad payloads): keep the global model
             # rather than let one or two clients move it.
-            log.warning(
-                "round %d: %d valid replies < server.min-replies = %d; global unchanged",
-                server_round,
-                len(valid),
-                self.min_replies,
+            stats.round_failure = (
+                f"{len(valid)} valid replies < server.min-replies = {self.min_replies}; "
+                "global unchanged"
             )
+            log.warning("round %d: %s", server_round, stats.round_failure)
             return None, None
-        result = self.inner.aggregate_train(server_round, valid)
-        if result[1] is not None:
-            stats.train_metrics = {k: float(v) for k, v in result[1].items()}  # type: ignore[arg-type]
-        return result
+        result = self._guarded(
+            server_round, stats, "train", lambda: self.inner.aggregate_train(server_round, valid)
+        )
+        if result is None:
+            return None, None
+        arrays, metrics = result
+        if arrays is not None and not all_finite({n: arrays[n].numpy() for n in self.names}):
+            reason = f"train aggregation in {type(self.inner).__name__} gave a non-finite model"
+            stats.aggregation_errors.append(reason)
+            log.error("round %d: %s; global unchanged", server_round, reason)
+            return None, None
+        if metrics is not None:
+            stats.train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+        return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -294,19 +489,34 @@ class CompressedStrategy(Strategy):
     ) -> MetricRecord | None:
         server_round += self.round_offset
         stats = self._round(server_round)
-        valid = []
+        candidates: list[_Candidate] = []
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                node, reason = msg.metadata.src_node_id, str(msg.error.reason)
+                reason = str(msg.error.reason)
                 self._answered(node, ok=False, reason=reason)
                 stats.eval_failures.append((node, reason))
                 log.warning("round %d: node %s failed to evaluate: %s", server_round, node, reason)
-            else:
-                self._answered(msg.metadata.src_node_id, ok=True)
-                valid.append(msg)
-        if not valid:
+                continue
+            try:
+                candidate = self._admit(server_round, node, msg, keys.EVALUATE_REPLY)
+            except AdmissionError as err:
+                self._refuse(stats.eval_failures, server_round, node, err)
+                continue
+            self._answered(node, ok=True)
+            if candidate.examples:  # a node without validation data has nothing to weigh in
+                candidates.append(candidate)
+        if not candidates:
             return None
-        metrics = self.inner.aggregate_evaluate(server_round, valid)
+        self._cap_examples(server_round, candidates, stats.eval_capped_examples)
+        shared = self._shared_metrics(candidates)
+        valid = [self._rebuilt(c, shared, None) for c in candidates]
+        metrics = self._guarded(
+            server_round,
+            stats,
+            "evaluate",
+            lambda: self.inner.aggregate_evaluate(server_round, valid),
+        )
         if metrics is not None:
             stats.eval_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
         return metrics

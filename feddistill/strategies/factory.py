@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import flwr.serverapp.strategy as flower_strategies
@@ -12,6 +13,7 @@ from flwr.serverapp.strategy import Strategy
 from feddistill.aggregation import STRATEGIES, requirement
 from feddistill.codec import parse_spec
 from feddistill.config import Config
+from feddistill.strategies.admission import AdmissionPolicy
 from feddistill.strategies.compressed import CompressedStrategy, RoundTraffic
 from feddistill.strategies.robust import ReplyFloor
 
@@ -47,7 +49,11 @@ def build_strategy(
     num_nodes: int,
     schema: list[tuple[str, tuple[int, ...]]],
     initial: dict[str, np.ndarray],
+    known_examples: Callable[[int], tuple[int, int] | None] | None = None,
 ) -> CompressedStrategy:
+    """``known_examples``: node -> (training, validation) examples it holds, where the server
+    knows (simulation); admission control refuses larger ``num-examples`` claims."""
+    s = cfg.server
     inner = inner_strategy(cfg, num_nodes)
     req = requirement(cfg.server)
     if req is not None:
@@ -63,6 +69,13 @@ def build_strategy(
         seed=cfg.seed,
         min_replies=cfg.server.min_replies,
         uniform=cfg.server.weighting == "uniform",
+        admission=AdmissionPolicy(
+            max_examples_factor=s.max_examples_factor,
+            max_update_norm_ratio=s.max_update_norm_ratio,
+            max_update_norm=s.max_update_norm,
+            norm_action=s.update_norm_action,
+        ),
+        known_examples=known_examples,
     )
     if isinstance(inner, ReplyFloor):
 

@@ -1,0 +1,444 @@
+"""Admission control with hand-made replies (no Flower runtime): one test per rule.
+
+Each shows that a round with one bad reply completes with the others and names the node and the
+rule in the round's record; the honest replies aggregate exactly as without the bad one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from feddistill import keys
+from feddistill.codec import encode, max_encoded_bytes, parse_spec
+from feddistill.server.results import RunRecord
+from feddistill.strategies import CompressedStrategy
+from feddistill.strategies.admission import (
+    AdmissionError,
+    AdmissionPolicy,
+    check_metrics,
+    check_num_examples,
+    examples_cap,
+    norm_bound,
+    update_norm,
+)
+from feddistill.wire import metric_record, payload_record
+
+# The encoder tests finiteness by a sum first, which overflows (and warns) on the huge finite
+# values these tests send on purpose.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered in reduce:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning"),
+]
+SCHEMA = [("layer.weight", (6, 5)), ("layer.bias", (6,))]
+NONE = parse_spec("none")
+HONEST = (0, 1, 2, 3)  # node ids of the honest replies; the bad one is node 9
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _arrays(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
+    return {n: (rng.uniform(-1, 1, s) * scale).astype(np.float32) for n, s in SCHEMA}
+
+
+def _metrics(n: float = 10.0, **extra: object) -> dict[str, object]:
+    """What the real client sends (keys.TRAIN_REPLY), plus ``extra``."""
+    base = {
+        keys.NUM_EXAMPLES: n,
+        keys.TRAIN_LOSS: 1.0,
+        keys.TRAIN_ACCURACY: 0.5,
+        keys.TEACHER_FITTED: 0.0,
+        keys.CLIENT_SECONDS: 1.0,
+        keys.STATE_BYTES: 100.0,
+    }
+    return {**base, **extra}
+
+
+def _reply(node: int, payload: np.ndarray, metrics: dict[str, object]) -> Message:
+    request = Message(
+        RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN
+    )
+    content = RecordDict(
+        {keys.ARRAYS: payload_record(payload), keys.METRICS: MetricRecord(metrics)}  # type: ignore[arg-type]
+    )
+    return Message(content, reply_to=request)
+
+
+def _eval_reply(node: int, metrics: dict[str, object]) -> Message:
+    request = Message(
+        RecordDict({keys.CONFIG: ConfigRecord()}),
+        dst_node_id=node,
+        message_type=MessageType.EVALUATE,
+    )
+    return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=request)  # type: ignore[arg-type]
+
+
+def _wrapper(inner: Strategy | None = None, **kwargs: object) -> CompressedStrategy:
+    rng = np.random.default_rng(0)
+    wrapper = CompressedStrategy(
+        inner or FedAvg(),
+        schema=SCHEMA,
+        initial=_arrays(rng),
+        uplink=NONE,
+        downlink=NONE,
+        max_payload_bytes=1 << 20,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    global_w = _arrays(rng)
+    wrapper._downlink_record(1, ArrayRecord({n: Array(a) for n, a in global_w.items()}))
+    return wrapper
+
+
+def _honest(seed: int = 1) -> tuple[list[Message], list[dict[str, np.ndarray]]]:
+    rng = np.random.default_rng(seed)
+    deltas = [_arrays(rng, 0.1) for _ in HONEST]
+    replies = [
+        _reply(i, encode(d, NONE).payload, _metrics()) for i, d in zip(HONEST, deltas, strict=True)
+    ]
+    return replies, deltas
+
+
+def _assert_mean_of(wrapper: CompressedStrategy, got: ArrayRecord | None, deltas: list) -> None:
+    """The round's new global is FedAvg of the honest deltas alone (equal num-examples)."""
+    assert got is not None and wrapper._global is not None
+    for name, _ in SCHEMA:
+        mean = np.mean([d[name] for d in deltas], axis=0)
+        np.testing.assert_allclose(got[name].numpy(), wrapper._global[name] + mean, atol=1e-6)
+
+
+def _failure(wrapper: CompressedStrategy, node: int = 9) -> str:
+    failed = dict(wrapper.traffic[1].failures)
+    assert set(failed) == {node}, wrapper.traffic[1].failures
+    return failed[node]
+
+
+# -- rule: records and metric keys -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make_inner",
+    [FedAvg, FedMedian, lambda: FedTrimmedAvg(beta=0.2)],
+    ids=["fedavg", "fedmedian", "fedtrimmedavg"],
+)
+def test_extra_metric_key_is_dropped_with_a_note_not_a_crash(make_inner, caplog) -> None:
+    # Prepare: on main this reply made Flower raise InconsistentMessageReplies
+    replies, deltas = _honest()
+    rng = np.random.default_rng(2)
+    odd_delta = _arrays(rng, 0.1)
+    odd = _reply(9, encode(odd_delta, NONE).payload, _metrics(**{"new-metric": 3.0}))
+    odd.content["extra-config"] = ConfigRecord({"x": 1})
+    wrapper, reference = _wrapper(make_inner()), make_inner()
+    # Execute
+    with caplog.at_level(logging.INFO, logger="feddistill.server"):
+        got, metrics = wrapper.aggregate_train(1, [*replies, odd])
+    # Assert: all five aggregated, as Flower would aggregate them without the extra key/record
+    assert wrapper.traffic[1].replies == 5 and not wrapper.traffic[1].failures
+    dense = [
+        _reply(i, np.zeros(1, np.uint8), _metrics()) for i in (*HONEST, 9)
+    ]  # same metrics, dense arrays
+    for msg, d in zip(dense, [*deltas, odd_delta], strict=True):
+        msg.content[keys.ARRAYS] = ArrayRecord(
+            {n: Array(wrapper._global[n] + d[n]) for n, _ in SCHEMA}
+        )
+    expected, expected_metrics = reference.aggregate_train(1, dense)
+    for name, _ in SCHEMA:
+        np.testing.assert_allclose(got[name].numpy(), expected[name].numpy(), atol=1e-6)
+    assert dict(metrics) == dict(expected_metrics)
+    note = next(r.getMessage() for r in caplog.records if "no schema declares" in r.getMessage())
+    assert "node 9" in note and "'new-metric'" in note and "'extra-config'" in note
+
+
+@pytest.mark.parametrize(
+    ("metrics", "rule_text"),
+    [
+        (
+            {k: v for k, v in _metrics().items() if k != keys.NUM_EXAMPLES},
+            "missing required metric 'num-examples'",
+        ),
+        (_metrics(**{keys.TRAIN_LOSS: math.nan}), "'train-loss' is not finite"),
+        (_metrics(**{keys.TRAIN_LOSS: math.inf}), "'train-loss' is not finite"),
+        (_metrics(**{keys.TRAIN_LOSS: [1.0, 2.0]}), "'train-loss' must be one number, got list"),
+        (_metrics(n=2.5), "whole number >= 1"),
+        (_metrics(n=-3.0), "whole number >= 1"),
+    ],
+    ids=["missing-key", "nan-metric", "inf-metric", "list-metric", "fractional-n", "negative-n"],
+)
+def test_malformed_metrics_reject_the_reply(metrics: dict, rule_text: str) -> None:
+    replies, deltas = _honest()
+    rng = np.random.default_rng(3)
+    bad = _reply(9, encode(_arrays(rng, 0.1), NONE).payload, metrics)
+    wrapper = _wrapper()
+    got, _ = wrapper.aggregate_train(1, [*replies, bad])
+    reason = _failure(wrapper)
+    assert reason.startswith("rejected (metrics)") and rule_text in reason
+    assert wrapper.traffic[1].replies == 4
+    _assert_mean_of(wrapper, got, deltas)
+
+
+def test_reply_without_metric_record_is_rejected() -> None:
+    replies, deltas = _honest()
+    bad = _reply(9, encode(_honest(5)[1][0], NONE).payload, _metrics())
+    del bad.content[keys.METRICS]
+    bad.content["other"] = MetricRecord(_metrics())
+    wrapper = _wrapper()
+    got, _ = wrapper.aggregate_train(1, [*replies, bad])
+    assert "rejected (records): reply has no MetricRecord 'metrics'" in _failure(wrapper)
+    _assert_mean_of(wrapper, got, deltas)
+
+
+def test_optional_metric_missing_from_one_reply_leaves_it_out_of_the_aggregate() -> None:
+    replies, _ = _honest()
+    older = _reply(
+        9,
+        encode(_honest(6)[1][0], NONE).payload,
+        {k: v for k, v in _metrics().items() if k != keys.STATE_BYTES},
+    )
+    wrapper = _wrapper()
+    _, metrics = wrapper.aggregate_train(1, [*replies, older])
+    assert wrapper.traffic[1].replies == 5 and not wrapper.traffic[1].failures
+    assert metrics is not None and keys.STATE_BYTES not in metrics
+    assert keys.TRAIN_LOSS in metrics
+
+
+# -- rule: num-examples ----------------------------------------------------------------------------
+def test_inflated_examples_are_capped_where_sizes_are_unknown() -> None:
+    # Prepare: deployment, the server knows no node's data; one node claims 1e12 examples
+    replies, deltas = _honest()
+    rng = np.random.default_rng(4)
+    liar_delta = _arrays(rng, 0.1)
+    liar = _reply(9, encode(liar_delta, NONE).payload, _metrics(n=1e12))
+    wrapper = _wrapper(admission=AdmissionPolicy(max_examples_factor=10.0))
+    # Execute
+    got, _ = wrapper.aggregate_train(1, [*replies, liar])
+    # Assert: kept, but weighted as 10 x the median claim (10), not as 1e12
+    stats = wrapper.traffic[1]
+    assert stats.replies == 5 and not stats.failures
+    assert stats.capped_examples == [(9, 10**12, 100)]
+    assert got is not None and wrapper._global is not None
+    weights = [10, 10, 10, 10, 100]
+    for name, _ in SCHEMA:
+        mixed = sum(w * d[name] for w, d in zip(weights, [*deltas, liar_delta], strict=True)) / sum(
+            weights
+        )
+        np.testing.assert_allclose(got[name].numpy(), wrapper._global[name] + mixed, atol=1e-6)
+
+
+def test_inflated_examples_are_rejected_where_the_partition_size_is_known() -> None:
+    replies, deltas = _honest()
+    liar = _reply(9, encode(_honest(7)[1][0], NONE).payload, _metrics(n=1e12))
+    sizes = {node: (10, 2) for node in (*HONEST, 9)}  # simulation: every partition's split
+    wrapper = _wrapper(known_examples=sizes.get)
+    got, _ = wrapper.aggregate_train(1, [*replies, liar])
+    reason = _failure(wrapper)
+    assert "rejected (num-examples)" in reason and "partition holds 10" in reason
+    assert not wrapper.traffic[1].capped_examples
+    _assert_mean_of(wrapper, got, deltas)
+
+
+# -- rule: payload size for the schema -------------------------------------------------------------
+def test_payload_longer_than_the_schema_allows_is_refused_before_decoding() -> None:
+    replies, deltas = _honest()
+    wrapper = _wrapper()
+    limit = wrapper.max_payload_bytes
+    assert limit < 1 << 20  # derived from the 36-element schema, not the 1 MiB outer cap
+    padded = np.concatenate([encode(deltas[0], NONE).payload, np.zeros(limit, np.uint8)])
+    got, _ = wrapper.aggregate_train(1, [*replies, _reply(9, padded, _metrics())])
+    reason = _failure(wrapper)
+    assert reason.startswith("invalid payload (size-limit)") and str(limit) in reason
+    _assert_mean_of(wrapper, got, deltas)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spec=st.sampled_from(
+        [
+            "none",
+            "fp16",
+            "q8",
+            "q4+chunk:7",
+            "q1",
+            "topk:0.01+q4+ef",
+            "topk:0.3+q2",
+            "gtopk:0.05+q8",
+            "topk:0.2+block:4+q4",
+            "gtopk:0.1+block:3",
+            "thresh:0.5+q4",
+            "topk:0.1+fp16+dense:40",
+        ]
+    ),
+    shapes=st.lists(
+        st.lists(st.integers(0, 9), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4
+    ),
+    scale=st.sampled_from([0.0, 1e-3, 1.0, 1e5, 3e38]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_max_encoded_bytes_bounds_every_payload(spec, shapes, scale, ties, seed) -> None:
+    """Huge values force float32 where float16 was asked; ties and zeros stress selection."""
+    rng = np.random.default_rng(seed)
+    update = {
+        f"t{i}": (np.full(s, scale) if ties else rng.uniform(-1, 1, s) * scale).astype(np.float32)
+        for i, s in enumerate(shapes)
+    }
+    schema = [(n, a.shape) for n, a in update.items()]
+    payload = encode(update, parse_spec(spec), seed=seed).payload
+    assert payload.shape[0] <= max_encoded_bytes(schema, parse_spec(spec))
+
+
+def test_max_encoded_bytes_is_tight_for_dense_float32() -> None:
+    rng = np.random.default_rng(0)
+    update = _arrays(rng)
+    assert encode(update, NONE).payload.shape[0] == max_encoded_bytes(SCHEMA, NONE)
+
+
+# -- rule: update norm and finite after apply ------------------------------------------------------
+def test_huge_finite_update_is_rejected_and_does_not_move_the_model() -> None:
+    replies, deltas = _honest()
+    scaled = {n: d * 1e6 for n, d in _honest(8)[1][0].items()}
+    wrapper = _wrapper()
+    got, _ = wrapper.aggregate_train(
+        1, [*replies, _reply(9, encode(scaled, NONE).payload, _metrics())]
+    )
+    reason = _failure(wrapper)
+    assert reason.startswith("rejected (update-norm)") and "bound" in reason
+    assert set(wrapper.traffic[1].update_norms) == {*HONEST, 9}
+    _assert_mean_of(wrapper, got, deltas)
+
+
+def test_clip_action_scales_the_update_to_the_bound_and_records_it() -> None:
+    replies, deltas = _honest()
+    big = {n: d * 1e6 for n, d in _honest(8)[1][0].items()}
+    wrapper = _wrapper(admission=AdmissionPolicy(max_update_norm_ratio=3.0, norm_action="clip"))
+    got, _ = wrapper.aggregate_train(
+        1, [*replies, _reply(9, encode(big, NONE).payload, _metrics())]
+    )
+    stats = wrapper.traffic[1]
+    assert stats.replies == 5 and not stats.failures
+    ((node, norm, bound),) = stats.clipped
+    honest_norms = [update_norm(d) for d in deltas]
+    assert node == 9 and norm == pytest.approx(update_norm(big))
+    assert bound == pytest.approx(3.0 * sorted([*honest_norms, norm])[2])
+    assert got is not None and wrapper._global is not None
+    clipped = {n: big[n] * (bound / norm) for n in big}
+    for name, _ in SCHEMA:
+        mean = np.mean([d[name] for d in [*deltas, clipped]], axis=0)
+        np.testing.assert_allclose(got[name].numpy(), wrapper._global[name] + mean, atol=1e-5)
+
+
+def test_absolute_norm_bound_applies_with_two_replies() -> None:
+    replies, _ = _honest()
+    wrapper = _wrapper(admission=AdmissionPolicy(max_update_norm_ratio=0.0, max_update_norm=1e-3))
+    wrapper.aggregate_train(1, replies[:2])
+    assert {n for n, _ in wrapper.traffic[1].failures} == {0, 1}
+
+
+def test_update_that_overflows_the_global_is_rejected() -> None:
+    # Prepare: values near float32's max pass the decoder but global + delta overflows to inf.
+    # The norm bound is off here so that the finite check itself is what refuses it.
+    replies, _ = _honest()
+    wrapper = _wrapper(admission=AdmissionPolicy(max_update_norm_ratio=0.0))
+    assert wrapper._global is not None
+    overflow = {n: np.full(s, 3.4e38, np.float32) for n, s in SCHEMA}
+    wrapper._global["layer.bias"][:] = np.abs(wrapper._global["layer.bias"]) + 1e38
+    bad = _reply(9, encode(overflow, NONE).payload, _metrics())
+    # Execute
+    got, _ = wrapper.aggregate_train(1, [*replies, bad])
+    # Assert
+    assert _failure(wrapper).startswith("rejected (non-finite)")
+    assert all(np.isfinite(got[n].numpy()).all() for n, _ in SCHEMA)
+
+
+# -- rule: the inner strategy raising --------------------------------------------------------------
+class _Raising(FedAvg):
+    def aggregate_train(self, server_round, replies):
+        raise RuntimeError("inner bug")
+
+    def aggregate_evaluate(self, server_round, replies):
+        raise ZeroDivisionError("inner bug")
+
+
+def test_inner_strategy_raising_fails_the_round_not_the_server(tmp_path) -> None:
+    replies, _ = _honest()
+    wrapper = _wrapper(_Raising())
+    assert wrapper.aggregate_train(1, replies) == (None, None)
+    evals = [
+        _eval_reply(i, {keys.NUM_EXAMPLES: 5.0, keys.EVAL_LOSS: 1.0, keys.EVAL_ACCURACY: 0.5})
+        for i in HONEST
+    ]
+    assert wrapper.aggregate_evaluate(1, evals) is None
+    stats = wrapper.traffic[1]
+    assert stats.aggregation_errors == [
+        "train aggregation in _Raising raised RuntimeError: inner bug",
+        "evaluate aggregation in _Raising raised ZeroDivisionError: inner bug",
+    ]
+    # and the round's record says so
+    record = RunRecord(out_dir=tmp_path, config={}, header={})
+    entry = record.add_round(1, 1, 0.5, 1.0, stats, 1.0, 144)
+    assert entry["aggregation_errors"] == stats.aggregation_errors and entry["replies"] == 4
+
+
+# -- evaluation replies ----------------------------------------------------------------------------
+def test_bad_evaluation_replies_are_dropped_and_named(tmp_path) -> None:
+    good = {keys.NUM_EXAMPLES: 5.0, keys.EVAL_LOSS: 1.0, keys.EVAL_ACCURACY: 0.5}
+    replies = [_eval_reply(i, good) for i in HONEST]
+    nan = _eval_reply(7, {**good, keys.EVAL_ACCURACY: math.nan})
+    extra = _eval_reply(8, {**good, "bonus": 1.0, keys.EVAL_ACCURACY: 0.9})
+    empty = _eval_reply(6, {**good, keys.NUM_EXAMPLES: 0.0, keys.EVAL_ACCURACY: 0.0})
+    liar = _eval_reply(9, {**good, keys.NUM_EXAMPLES: 1e12, keys.EVAL_ACCURACY: 0.0})
+    wrapper = _wrapper()
+    metrics = wrapper.aggregate_evaluate(1, [*replies, nan, extra, empty, liar])
+    stats = wrapper.traffic[1]
+    assert [n for n, _ in stats.eval_failures] == [7]
+    assert "'eval-accuracy' is not finite" in stats.eval_failures[0][1]
+    assert stats.eval_capped_examples == [(9, 10**12, 50)]
+    # four honest at 0.5, node 8 at 0.9 (bonus key dropped), the liar at 0.0 weighted 50, not 1e12
+    expected = (4 * 5 * 0.5 + 5 * 0.9 + 50 * 0.0) / (4 * 5 + 5 + 50)
+    assert metrics is not None and set(metrics) == {keys.EVAL_LOSS, keys.EVAL_ACCURACY}
+    assert metrics[keys.EVAL_ACCURACY] == pytest.approx(expected)
+    entry = RunRecord(out_dir=tmp_path, config={}, header={}).add_round(
+        1, 1, 0.5, 1.0, stats, 1.0, 144
+    )
+    assert entry["eval_failures"] == 1 and "node 7" in entry["eval_failure_reasons"][0]
+
+
+# -- the pure rules --------------------------------------------------------------------------------
+def test_pure_rules() -> None:
+    with pytest.raises(AdmissionError, match="must be one number, got bool"):
+        check_metrics(_metrics(**{keys.TRAIN_LOSS: True}), keys.TRAIN_REPLY)
+    assert check_metrics(_metrics(x=1.0), keys.TRAIN_REPLY)[1] == ["x"]
+    assert check_num_examples(0.0, positive=False, known=None) == 0
+    with pytest.raises(AdmissionError, match="num-examples"):
+        check_num_examples(0.0, positive=True, known=None)
+    assert examples_cap([5, 1e12, 7], 10.0) == 70
+    assert examples_cap([3, 10**12], 10.0) == 30  # low median: the liar cannot set its own cap
+    assert examples_cap([3], 0.0) is None
+    policy = AdmissionPolicy(max_update_norm_ratio=4.0)
+    assert norm_bound([1.0, 2.0, 1e9], policy) == 8.0
+    assert norm_bound([1.0, 1e9], policy) == 4.0
+    assert norm_bound([0.0, 0.0, 5.0], policy) is None  # a median of 0 bounds nothing
+    assert update_norm({"a": np.full(4, 3e38, np.float32)}) == pytest.approx(6e38)
+
+
+def test_client_reply_metrics_follow_the_schema() -> None:
+    assert set(metric_record(keys.TRAIN_REPLY, _metrics())) == set(keys.TRAIN_REPLY.metric_keys)
+    with pytest.raises(ValueError, match="unknown \\['x'\\]"):
+        metric_record(keys.TRAIN_REPLY, _metrics(x=1.0))
+    with pytest.raises(ValueError, match="missing \\['eval-loss'\\]"):
+        metric_record(keys.EVALUATE_REPLY, {keys.NUM_EXAMPLES: 1.0, keys.EVAL_ACCURACY: 1.0})
