@@ -157,7 +157,7 @@ class DistillConfig:
 
     ``local_classes_only`` (on by default) keeps a client's absent classes out of both softmaxes:
     on the embedded default it kept the global model from forgetting a class whenever the
-    sampled clients lacked it (README, "Label skew").
+    sampled clients lacked it (docs/history.md, "Label-skew remedies").
     """
 
     alpha: float = 0.8
@@ -206,11 +206,11 @@ class ServerConfig:
     The default is FedAvg with a server step of 2 (FedAvgM without momentum): averaging top-k
     updates shrinks each coordinate that only some clients sent by the share of clients that did
     not, and a step above 1 gives that back. Measured on AG News with the same teachers and
-    clients: 84.2% vs 75.8% with plain FedAvg (README, Benchmark).
+    clients: 84.2% vs 75.8% with plain FedAvg (docs/history.md, AG News trials).
 
     ``average_last``: the run's output model is the average of the global models of the last
     rounds (< 1: that fraction of ``rounds``, rounded up; >= 1: a count; 0: the last global), so
-    that no single round's client sample decides it (README, "Averaged output model").
+    that no single round's client sample decides it (docs/aggregation.md, "Averaged output model").
     """
 
     strategy: str = "fedavgm"
@@ -273,8 +273,8 @@ class CompressionConfig:
     scales, keeping what was dropped for the next round (error feedback); the server sends the
     top 5% of each tensor of ``global - broadcast`` as a chained delta with server-side error
     feedback. Five clients' 1% uplinks cover up to 5% of the weights, so a 5% downlink keeps up
-    with them; at 1-2% the broadcast model lagged the global and accuracy dropped (README
-    "Compression").
+    with them; at 1-2% the broadcast model lagged the global and accuracy dropped
+    (docs/history.md, format-1 tables).
     """
 
     uplink: str = "topk:0.01+q4+ef"
@@ -565,8 +565,9 @@ def reference_markdown() -> str:
         "--run-config`, or the `feddistill simulate` flags, `--config FILE.toml` and `--set",
         "KEY=VALUE`. The server sends it to the clients inside every message. An unknown key, a",
         "wrong type or a value outside what is allowed stops the run before any training, naming",
-        "the key, the value and what is allowed. Ranges: `[` and `]` include the bound, `(`",
-        "excludes it.",
+        'the key, the value and what is allowed (with a "did you mean" for a mistyped key).',
+        "Ranges: `[` and `]` include the bound, `(` excludes it. `feddistill config` lists the",
+        "keys with their defaults; `feddistill config --toml` prints them as TOML lines.",
         "",
         "| key | type | default | allowed | description |",
         "|---|---|---|---|---|",
