@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from feddistill.cli import main
-from tests.deploy.federation import DOC_VALUES, TEMPLATES
+from tests.deploy.federation import rendered_commands
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -70,12 +70,6 @@ CI: dict[str, str] = {
     "pytest": "pytest",
 }
 ELSEWHERE: dict[str, str] = {}
-
-
-def _deploy_commands() -> set[str]:
-    rendered = {t.format(**DOC_VALUES) for t in TEMPLATES.values()}
-    rendered.add(TEMPLATES["run"].format(**{**DOC_VALUES, "resume": " resume=true"}))
-    return rendered
 
 
 def _normal(command: str) -> str:
@@ -125,30 +119,53 @@ def doc_commands() -> list[tuple[str, str, list[str]]]:
     """(page, command, output lines shown) for every command in README.md and docs/."""
     found: list[tuple[str, str, list[str]]] = []
     for page in PAGES:
-        where = str(page.relative_to(REPO))
-        for tag, lines in fenced_blocks(page.read_text(), where):
-            if tag in COMMAND_TAGS:
-                for line in _join_continuations(lines):
-                    if not line.strip() or line.lstrip().startswith("#"):
-                        continue
-                    assert "<<" not in line, f"{where}: no heredocs in commands: {line}"
-                    for part in line.split(" && "):
-                        found.append((where, _normal(part), []))
-            elif tag == "console":
-                joined = _join_continuations(lines)
-                for i, line in enumerate(joined):
-                    if line.startswith("$ "):
-                        output = []
-                        for rest in joined[i + 1 :]:
-                            if rest.startswith("$ "):
-                                break
-                            output.append(rest)
-                        found.append((where, _normal(line[2:]), output))
+        found += commands_in(page.read_text(), str(page.relative_to(REPO)))
     return found
 
 
+def commands_in(text: str, where: str) -> list[tuple[str, str, list[str]]]:
+    """(where, command, output lines shown) for every command of one page's text."""
+    found: list[tuple[str, str, list[str]]] = []
+    for tag, lines in fenced_blocks(text, where):
+        if tag in COMMAND_TAGS:
+            for line in _join_continuations(lines):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                assert "<<" not in line, f"{where}: no heredocs in commands: {line}"
+                for part in line.split(" && "):
+                    found.append((where, _normal(part), []))
+        elif tag == "console":
+            joined = _join_continuations(lines)
+            for i, line in enumerate(joined):
+                if line.startswith("$ "):
+                    output = []
+                    for rest in joined[i + 1 :]:
+                        if rest.startswith("$ "):
+                            break
+                        output.append(rest)
+                    found.append((where, _normal(line[2:]), output))
+    return found
+
+
+def test_parser_reads_sh_and_console_blocks_and_refuses_untagged_fences() -> None:
+    # Prepare
+    page = (
+        "```sh\n# a comment\nfeddistill a \\\n  --b && pytest\n```\n"
+        "```console\n$ feddistill c\nprinted\n```\n"
+        "```text\nfeddistill not-a-command\n```\n"
+    )
+
+    # Execute
+    found = [(cmd, out) for _, cmd, out in commands_in(page, "page.md")]
+
+    # Assert
+    assert found == [("feddistill a --b", []), ("pytest", []), ("feddistill c", ["printed"])]
+    with pytest.raises(AssertionError, match="without a tag"):
+        commands_in("```\nfeddistill sneaky\n```\n", "page.md")
+
+
 def _declared() -> set[str]:
-    return {*FAST, *map(_normal, SLOW), *CI, *ELSEWHERE, *map(_normal, _deploy_commands())}
+    return {*FAST, *map(_normal, SLOW), *CI, *ELSEWHERE, *map(_normal, rendered_commands())}
 
 
 def test_every_documented_command_is_declared_with_who_runs_it() -> None:
