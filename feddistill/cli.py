@@ -18,7 +18,7 @@ from typing import Any
 
 from feddistill import __version__
 from feddistill.aggregation import STRATEGIES
-from feddistill.config import Config, ConfigError, known_keys, parse_config
+from feddistill.config import Config, ConfigError, known_keys, parse_config, reference_markdown
 
 # (flag, run-config key, type, help)
 SIMULATE_OPTIONS: list[tuple[str, str, type, str]] = [
@@ -196,7 +196,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     defaults = Config().to_flat()
-    if args.toml:
+    if args.markdown:
+        print(reference_markdown(), end="")
+    elif args.toml:
         for key in known_keys():
             print(f"{key} = {json.dumps(defaults[key])}")
     else:
@@ -281,7 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
 
     cfg = sub.add_parser("config", help="list every run-config key with its default")
-    cfg.add_argument("--toml", action="store_true", help="print as TOML lines")
+    cfg_format = cfg.add_mutually_exclusive_group()
+    cfg_format.add_argument("--toml", action="store_true", help="print as TOML lines")
+    cfg_format.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the reference (type, default, allowed values, description) as Markdown: "
+        "docs/configuration.md",
+    )
     cfg.set_defaults(func=cmd_config)
 
     _add_optional_commands(sub)

@@ -150,7 +150,7 @@ class DistillConfig:
 
     ``local_classes_only`` (on by default) keeps a client's absent classes out of both softmaxes:
     on the embedded default it kept the global model from forgetting a class whenever the
-    sampled clients lacked it (README, "Label skew").
+    sampled clients lacked it (docs/history.md, "Label-skew remedies").
     """
 
     alpha: float = 0.8
@@ -203,11 +203,11 @@ class ServerConfig:
     The default is FedAvg with a server step of 2 (FedAvgM without momentum): averaging top-k
     updates shrinks each coordinate that only some clients sent by the share of clients that did
     not, and a step above 1 gives that back. Measured on AG News with the same teachers and
-    clients: 84.2% vs 75.8% with plain FedAvg (README, Benchmark).
+    clients: 84.2% vs 75.8% with plain FedAvg (docs/history.md, AG News trials).
 
     ``average_last``: the run's output model is the average of the global models of the last
     rounds (< 1: that fraction of ``rounds``, rounded up; >= 1: a count; 0: the last global), so
-    that no single round's client sample decides it (README, "Averaged output model").
+    that no single round's client sample decides it (docs/aggregation.md, "Averaged output model").
 
     Admission control (docs/robustness.md): ``max_examples_factor`` caps a reply's
     ``num-examples`` at that multiple of the round's median claim where the server does not
@@ -299,8 +299,8 @@ class CompressionConfig:
     scales, keeping what was dropped for the next round (error feedback); the server sends the
     top 5% of each tensor of ``global - broadcast`` as a chained delta with server-side error
     feedback. Five clients' 1% uplinks cover up to 5% of the weights, so a 5% downlink keeps up
-    with them; at 1-2% the broadcast model lagged the global and accuracy dropped (README
-    "Compression").
+    with them; at 1-2% the broadcast model lagged the global and accuracy dropped
+    (docs/history.md, format-1 tables).
     """
 
     uplink: str = "topk:0.01+q4+ef"
@@ -491,3 +491,162 @@ def parse_config(flat: Mapping[str, Any]) -> Config:
 
 def config_from_json(text: str) -> Config:
     return parse_config(json.loads(text))
+
+
+# -- Reference --------------------------------------------------------------------------------
+# One line per key, the only place key descriptions live: `feddistill config --markdown` renders
+# them with each key's type, default and allowed values into docs/configuration.md, and a test
+# fails when a key has no line here or when the doc and the code disagree.
+DESCRIPTIONS: dict[str, str] = {
+    "rounds": "number of federated rounds",
+    "seed": "seed of the corpus sample, partitions, model initialization and client sampling",
+    "mode": "`simulation`: partition `data.source` over virtual nodes; `deployment`: each "
+    "SuperNode reads its own `data-path`",
+    "output-dir": "folder of results.json, student/, checkpoints/ and the server state",
+    "cache-dir": "node-local client state (teachers, logits, residuals); empty = OUT/cache",
+    "checkpoints": "write the global student of every round to OUT/checkpoints/",
+    "resume": "continue from the last completed round saved in OUT/state/",
+    "data.source": "`embedded` (offline synthetic corpus), a csv/json/jsonl/parquet file, a "
+    "save_to_disk folder or a hub dataset name",
+    "data.test-source": "centralized test set evaluated every round (empty: the embedded "
+    "corpus's own test split, none otherwise)",
+    "data.labels": "comma-separated class names in class-id order (deployment: the label set)",
+    "data.text-column": "text column of a file or hub dataset",
+    "data.label-column": "label column of a file or hub dataset",
+    "data.num-examples": "training sentences of the embedded corpus",
+    "data.num-test": "test sentences of the embedded corpus",
+    "data.num-classes": "classes of the embedded corpus",
+    "data.label-noise": "fraction of embedded training labels flipped",
+    "data.num-clients": "number of clients (simulation: virtual nodes; deployment: SuperNodes "
+    "expected)",
+    "data.partitioning": "`iid`, `dirichlet` label skew, or `shards` (fixed classes per client)",
+    "data.alpha": "Dirichlet concentration for `dirichlet` (smaller = more skewed)",
+    "data.shards-per-client": "classes per client for `shards`",
+    "data.val-fraction": "share of each client's partition held out for federated evaluation",
+    "data.min-partition-size": "smallest client partition accepted (smaller is an error)",
+    "data.max-length": "tokens per text after truncation",
+    "model.teacher": "teacher: hub id, local folder, `builtin:tiny|micro|small` or "
+    "`offline:all-minilm-l6-v2`",
+    "model.student": "`derived` (layers of the teacher) or a model id, folder or `builtin:` spec",
+    "model.student-layers": "teacher layers a derived student keeps",
+    "model.layer-selection": "which layers a derived student keeps: `every-other` "
+    "(DistilBERT-style) or `first`",
+    "model.freeze-embeddings": "freeze the student's embeddings (not trained, not exchanged)",
+    "model.freeze": "regular expression over student parameter names to freeze as well "
+    "(empty: none)",
+    "teacher.epochs": "epochs of local teacher fine-tuning (once per client, then cached)",
+    "teacher.lr": "learning rate of teacher fine-tuning",
+    "teacher.batch-size": "batch size of teacher fine-tuning",
+    "distill.alpha": "weight of the label loss; 1 - alpha goes to the teacher's soft labels",
+    "distill.temperature": "softmax temperature T of distillation (KL scaled by T^2)",
+    "distill.mutual": "FedKD-style mutual distillation: the teacher also learns from the student",
+    "distill.logit-adjust": "tau of logit adjustment by the local label prior (0 = off)",
+    "distill.local-classes-only": "leave classes absent from a client's data out of its "
+    "softmaxes (restricted softmax)",
+    "distill.not-true-weight": "beta of FedNTD not-true distillation from the received model "
+    "(0 = off)",
+    "train.local-epochs": "local epochs of distillation per round",
+    "train.lr": "client learning rate (AdamW)",
+    "train.batch-size": "client batch size",
+    "train.weight-decay": "client AdamW weight decay",
+    "train.device": "`auto` (CUDA when the node has a GPU assigned), `cpu` or `cuda`",
+    "train.precision": "autocast precision on CUDA",
+    "server.strategy": "Flower strategy that aggregates the decoded updates",
+    "server.clients-per-round": "clients trained per round: a fraction in (0, 1) or a count",
+    "server.evaluate-clients": "clients in federated evaluation per round: fraction or count",
+    "server.min-replies": "fewer valid replies leave the global model unchanged",
+    "server.round-timeout": "seconds to wait for a round's replies",
+    "server.lr": "server learning rate (FedAvgM step; 2 = twice the mean update)",
+    "server.eta": "server learning rate of FedAdam/FedYogi/FedAdagrad",
+    "server.tau": "adaptivity tau of FedAdam/FedYogi/FedAdagrad",
+    "server.proximal-mu": "proximal term mu of FedProx",
+    "server.momentum": "server momentum of FedAvgM",
+    "server.trim-beta": "fraction trimmed at each end by FedTrimmedAvg",
+    "server.local-only": "local-only baseline at the end: `auto` (simulations of <= 20 "
+    "clients), `on`, `off`",
+    "server.local-only-epochs": "epochs of each local-only student",
+    "server.weighting": "weigh replies by `examples` (FedAvg's rule) or `uniform`",
+    "server.average-last": "output = average of the last rounds' globals: fraction of "
+    "`rounds`, a count, or 0 for the last global",
+    "compression.uplink": "codec spec of client updates (docs/compression.md)",
+    "compression.downlink": "codec spec of the broadcast; with `ef` a chain of deltas with "
+    "server-side error feedback",
+    "compression.max-payload-mb": "largest payload decoded; longer replies are refused",
+    "cache.max-mb": "bound on cached teachers per node folder, LRU eviction (0 = unbounded)",
+}
+
+_TYPE_LABELS = {int: "int", float: "float", bool: "bool", str: "string"}
+
+
+def _allowed(key: str, typ: type) -> str:
+    """What ``key`` accepts, read from the validators themselves so the reference cannot drift.
+
+    Each key is offered a value outside every range (NaN, a huge negative integer, an empty
+    string) and the ConfigError says what is allowed; a string key that accepts it takes any
+    string.
+    """
+    if typ is bool:
+        return "`true`, `false`"
+    probe = {int: -(10**18), float: math.nan, str: ""}[typ]
+    try:
+        parse_config({key: probe})
+    except ConfigError as err:
+        text = str(err)
+        if ": expected " in text:
+            text = text.split(": expected ", 1)[1]
+            if text.startswith("one of "):
+                return ", ".join(f"`{c.strip(chr(39))}`" for c in text[7:].split(", "))
+            return text.removeprefix("a number in ")
+        if "allowed tokens: " in text:
+            return "`+`-joined tokens: " + text.split("allowed tokens: ", 1)[1]
+        return text
+    return "any string"
+
+
+def reference() -> list[dict[str, str]]:
+    """Every key with its type, default, allowed values and description (for the docs)."""
+    defaults = Config().to_flat()
+    missing = [k for k in known_keys() if k not in DESCRIPTIONS]
+    if missing:
+        raise KeyError(f"config keys without a line in feddistill.config.DESCRIPTIONS: {missing}")
+    rows = []
+    for key in known_keys():
+        typ = type(defaults[key])
+        rows.append(
+            {
+                "key": key,
+                "type": _TYPE_LABELS[typ],
+                "default": json.dumps(defaults[key]),
+                "allowed": _allowed(key, typ),
+                "description": DESCRIPTIONS[key],
+            }
+        )
+    return rows
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: the reference table, generated (``feddistill config --markdown``)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `feddistill config --markdown > docs/configuration.md`; do not edit.",
+        "     Descriptions live in feddistill/config.py DESCRIPTIONS; tests/test_docs_config.py",
+        "     fails when this file and the code disagree. -->",
+        "",
+        "One config, parsed once into frozen dataclasses (`feddistill/config.py`) from the flat",
+        "Flower run config: `[tool.flwr.app.config]` in pyproject.toml merged with `flwr run",
+        "--run-config`, or the `feddistill simulate` flags, `--config FILE.toml` and `--set",
+        "KEY=VALUE`. The server sends it to the clients inside every message. An unknown key, a",
+        "wrong type or a value outside what is allowed stops the run before any training, naming",
+        'the key, the value and what is allowed (with a "did you mean" for a mistyped key).',
+        "Ranges: `[` and `]` include the bound, `(` excludes it. `feddistill config` lists the",
+        "keys with their defaults; `feddistill config --toml` prints them as TOML lines.",
+        "",
+        "| key | type | default | allowed | description |",
+        "|---|---|---|---|---|",
+    ]
+    for row in reference():
+        cells = [f"`{row['key']}`", row["type"], f"`{row['default']}`", row["allowed"]]
+        cells.append(row["description"])
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"

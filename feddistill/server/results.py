@@ -1,6 +1,6 @@
 """The run record: ``results.json``, per-round checkpoints and the round lines users read.
 
-Schema (``schema_version`` 1) is documented in the README; keys are only ever added.
+Schema (``schema_version`` 1) is documented in docs/output.md; keys are only ever added.
 """
 
 from __future__ import annotations

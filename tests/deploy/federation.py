@@ -100,6 +100,13 @@ def doc_commands() -> list[str]:
     return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
 
 
+def rendered_commands() -> set[str]:
+    """Every command the deploy tests run, in the form docs/deploy.md shows it."""
+    rendered = {t.format(**DOC_VALUES) for t in TEMPLATES.values()}
+    rendered.add(TEMPLATES["run"].format(**{**DOC_VALUES, "resume": " resume=true"}))
+    return rendered
+
+
 def command(name: str, **values: Any) -> list[str]:
     """argv of template ``name`` with the test's ``values``, once its doc form is in the doc."""
     template = TEMPLATES[name]

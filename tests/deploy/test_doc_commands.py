@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from tests.deploy.federation import (
-    DOC_VALUES,
     TEMPLATES,
     command,
     config_toml,
     doc_commands,
     offline_env,
+    rendered_commands,
 )
 
 
@@ -21,7 +21,6 @@ def test_every_doc_command_is_one_the_deploy_tests_run() -> None:
     config_toml()
     assert offline_env()["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     # ... and the doc has no command beyond them.
-    rendered = {t.format(**DOC_VALUES) for t in TEMPLATES.values()}
-    rendered.add(TEMPLATES["run"].format(**{**DOC_VALUES, "resume": " resume=true"}))
+    rendered = rendered_commands()
     untested = [c for c in doc_commands() if c not in rendered]
     assert not untested, f"docs/deploy.md has commands no test runs: {untested}"
