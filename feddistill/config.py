@@ -562,6 +562,14 @@ DESCRIPTIONS: dict[str, str] = {
     "server.proximal-mu": "proximal term mu of FedProx",
     "server.momentum": "server momentum of FedAvgM",
     "server.trim-beta": "fraction trimmed at each end by FedTrimmedAvg",
+    "server.num-malicious": "attackers Krum, MultiKrum and Bulyan are sized for (f)",
+    "server.multikrum-select": "replies MultiKrum averages (0 = each round's replies minus f)",
+    "server.max-examples-factor": "cap on a reply's `num-examples` where the server does not "
+    "know the node's data, as a multiple of the round's median claim (0 = off)",
+    "server.max-update-norm-ratio": "bound on an update's L2 norm as a multiple of the "
+    "round's median norm (0 = off)",
+    "server.max-update-norm": "absolute bound on an update's L2 norm (0 = off)",
+    "server.update-norm-action": "what happens to an update over a norm bound: `reject` or `clip`",
     "server.local-only": "local-only baseline at the end: `auto` (simulations of <= 20 "
     "clients), `on`, `off`",
     "server.local-only-epochs": "epochs of each local-only student",
@@ -573,6 +581,9 @@ DESCRIPTIONS: dict[str, str] = {
     "server-side error feedback",
     "compression.max-payload-mb": "largest payload decoded; longer replies are refused",
     "cache.max-mb": "bound on cached teachers per node folder, LRU eviction (0 = unbounded)",
+    "tracking.backend": "experiment tracking: `none`, `tensorboard` or `mlflow` (docs/tracking.md)",
+    "tracking.uri": 'TensorBoard folder or MLflow tracking URI ("" = under the output folder)',
+    "tracking.experiment": "MLflow experiment name",
 }
 
 _TYPE_LABELS = {int: "int", float: "float", bool: "bool", str: "string"}

@@ -67,9 +67,46 @@ CI: dict[str, str] = {
     'pip install -e ".[dev]" -c constraints.txt': (
         'python -m pip install -q -e ".[dev]" -c constraints.txt'
     ),
+    'pip install -e ".[tracking]" -c constraints.txt': (
+        'python -m pip install -q -e ".[tracking]" -c constraints.txt'
+    ),
+    'pip install -e ".[onnx]" -c constraints.txt': (
+        'python -m pip install -q -e ".[onnx]" -c constraints.txt'
+    ),
     "pytest": "pytest",
 }
-ELSEWHERE: dict[str, str] = {}
+_ONNX_DOC = "tests/test_onnx.py::test_doc_commands_run_as_written"
+# Run with the values swapped for loopback ones (127.0.0.1, free ports, 1 CPU, a tiny config)
+# and Ray's isolation flags appended; test_every_doc_command_is_one_the_cluster_test_runs
+# checks every command of the page has such a template.
+_RAY_DOC = "tests/test_ray_cluster.py::test_tiny_federation_on_a_two_node_ray_cluster"
+ELSEWHERE: dict[str, str] = {
+    "feddistill simulate --strategy bulyan": (
+        "tests/test_robust.py::test_doc_commands_print_what_the_doc_shows"
+    ),
+    "feddistill export feddistill-out/student --out feddistill-out/serve --onnx": _ONNX_DOC,
+    'feddistill predict --model feddistill-out/serve --onnx "shares fell after the bank '
+    'results"': _ONNX_DOC,
+    'feddistill predict --model feddistill-out/serve --onnx --json "the team won the final" '
+    '"new chip released"': _ONNX_DOC,
+    "nice feddistill bench-serve --teacher builtin:tiny --out feddistill-out/bench-serve-tiny": (
+        _ONNX_DOC
+    ),
+    "nice feddistill bench-serve --teacher offline:all-minilm-l6-v2 --out "
+    "feddistill-out/bench-serve-minilm": _ONNX_DOC,
+    "feddistill report runs/demo": (
+        "tests/test_report.py::test_the_commands_of_docs_report_md_run_as_written"
+    ),
+    "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 "
+    "FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0": _RAY_DOC,
+    "feddistill simulate --ray-address 10.0.0.1:6379 --num-clients 100 --clients-per-round 10 "
+    "--rounds 20 --out runs/ray1 --set cache-dir=/shared/feddistill/cache --teacher "
+    "offline:all-minilm-l6-v2 --set data.max-length=64": _RAY_DOC,
+    "ray start --address 10.0.0.1:6379 --node-ip-address 10.0.0.2 --num-cpus 8 --block": _RAY_DOC,
+    "ray start --head --node-ip-address 10.0.0.1 --port 6379 --num-cpus 8 "
+    "--include-dashboard=false --block": _RAY_DOC,
+    "ray status --address 10.0.0.1:6379": _RAY_DOC,
+}
 
 
 def _normal(command: str) -> str:

@@ -347,7 +347,7 @@ def _doc_commands() -> list[str]:
 def test_doc_commands_are_feddistill_commands_or_the_install() -> None:
     commands = _doc_commands()
 
-    assert "pip install 'feddistill[onnx]'" in commands
+    assert 'pip install -e ".[onnx]" -c constraints.txt' in commands
     for command in commands:
         assert command.startswith(("pip install ", "feddistill ", "nice feddistill ")), command
 
