@@ -147,3 +147,27 @@ def test_tiny_bench_robust_writes_outputs_and_records_a_crashed_cell(tmp_path: P
     table = (out / "bench-robust.md").read_text()
     assert "CRASH" in table and "**FAIL** 0 server crashes" in table
     assert (out / "bench-robust.png").stat().st_size > 0
+
+
+def test_doc_commands_parse_to_what_the_doc_says() -> None:
+    """Every ```sh command of docs/robustness-bench.md parses (none is run here: the quick one
+    takes minutes, the full one is the lead's; the slow test above runs the same code)."""
+    import re
+    import shlex
+
+    from feddistill.cli import build_parser, simulate_config
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "robustness-bench.md").read_text()
+    commands = re.findall(r"```sh\n(.*?)\n```", doc, flags=re.S)
+    assert len(commands) == 3
+    for text in commands:
+        argv = shlex.split(text)
+        assert argv[0] == "feddistill"
+        args = build_parser().parse_args(argv[1:])
+        if argv[1] == "simulate":
+            cfg = simulate_config(args)
+            assert (cfg.attack.kind, cfg.attack.fraction) == ("sign-flip", 0.2)
+        else:
+            setting = robust.setting_from_args(args)
+            assert setting.quick == ("--quick" in argv)
+            assert len(robust.cells(setting)) == (3 if setting.quick else 7 * (1 + 11 * 3))

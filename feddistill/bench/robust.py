@@ -512,7 +512,7 @@ def write_outputs(out: Path, bench: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 QUICK: dict[str, Any] = {
-    "aggregators": (DEFAULT, "fedmedian"),
+    "aggregators": (DEFAULT,),
     "attacks": ("sign-flip", "extra-metric"),
     "fractions": (0.3,),
     "teacher": "builtin:micro",
@@ -539,9 +539,9 @@ Default: aggregators {",".join(AGGREGATORS)}; attacks {",".join(ATTACKS)};
 fractions {",".join(f"{f:g}" for f in FRACTIONS)}; 20 clients, 10 per round, 15 rounds,
 teacher builtin:tiny, 4,000 train rows, 1,000 test rows.
 
---quick (smoke run): aggregators default,fedmedian; attacks sign-flip,extra-metric; fraction
-0.3; 6 clients all sampled, 2 rounds, teacher builtin:micro (1 epoch), 600 train rows, 300 test
-rows. Options given explicitly override it. See docs/robustness-bench.md."""
+--quick (smoke run, 3 cells: each starts Ray): aggregator default; attacks
+sign-flip,extra-metric; fraction 0.3; 6 clients all sampled, 2 rounds, teacher builtin:micro
+(1 epoch), 600 train rows, 300 test rows. Options given explicitly override it. See docs/robustness-bench.md."""
 
 
 def add_arguments(p: Any) -> None:
