@@ -541,7 +541,8 @@ teacher builtin:tiny, 4,000 train rows, 1,000 test rows.
 
 --quick (smoke run, 3 cells: each starts Ray): aggregator default; attacks
 sign-flip,extra-metric; fraction 0.3; 6 clients all sampled, 2 rounds, teacher builtin:micro
-(1 epoch), 600 train rows, 300 test rows. Options given explicitly override it. See docs/robustness-bench.md."""
+(1 epoch), 600 train rows, 300 test rows. Options given explicitly override it.
+See docs/robustness-bench.md."""
 
 
 def add_arguments(p: Any) -> None:
