@@ -484,18 +484,18 @@ def write_heatmap(bench: dict[str, Any], path: Path) -> None:
             elif e["accuracy"] is not None:
                 grid[i, j] = e["accuracy"]
                 text[i][j] = f"{100 * e['accuracy']:.1f}"
-    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(fracs), 1.2 + 0.3 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.6 + 1.1 * len(fracs)), 1.6 + 0.3 * len(rows)))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for i in range(len(rows)):
         for j in range(len(fracs)):
             v = grid[i, j]
-            color = "black" if np.isfinite(v) and v > 0.6 else "white"
+            color = "crimson" if not np.isfinite(v) else "black" if v > 0.6 else "white"
             ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(len(fracs)), [f"{round(100 * f)}%" for f in fracs])
     ax.set_yticks(range(len(rows)), [f"{g} / {a}" for g, a in rows], fontsize=7)
     ax.set_xlabel("hostile fraction of clients")
     fig.colorbar(im, ax=ax, label="final accuracy")
-    ax.set_title("bench-robust: final accuracy (blank: crashed, non-finite or not run)", fontsize=9)
+    ax.set_title("final accuracy (blank: crashed, non-finite or not run)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
