@@ -47,10 +47,16 @@ def test_summarize_rounds_counts_failures_and_treats_absent_clipped_as_zero() ->
         "rounds": [
             {"failures": 1, "failure_reasons": ["node 7: invalid payload (magic): bad"]},
             {"failures": 2, "clipped": 3, "round_failure": "inner strategy raised"},
+            {  # admission control's form: one entry per clipped reply / capped claim
+                "failures": 0,
+                "clipped": [{"node": 1, "norm": 9.0, "bound": 3.0}],
+                "capped_examples": [{"node": 2, "claimed": 1e12, "cap": 500}],
+            },
         ]
     }
     out = robust.summarize_rounds(results)
-    assert (out["failures"], out["clipped"], out["failed_rounds"]) == (3, 3, 1)
+    assert (out["failures"], out["clipped"], out["failed_rounds"]) == (3, 4, 1)
+    assert out["capped_examples"] == 1
     assert out["failure_reasons"] == {"invalid payload (magic)": 1}
 
 
@@ -100,8 +106,8 @@ def test_table_and_heatmap_show_crashes_and_non_finite(tmp_path: Path) -> None:
     }
     robust.write_outputs(tmp_path, bench)
     table = (tmp_path / "bench-robust.md").read_text()
-    assert "| fedavg | sign-flip | 80.00% (0/0) | CRASH |" in table
-    assert "| fedavg | noise | 80.00% (0/0) | NaN |" in table
+    assert "| fedavg | sign-flip | 80.00% (0/0/0) | CRASH |" in table
+    assert "| fedavg | noise | 80.00% (0/0/0) | NaN |" in table
     assert "**FAIL** 0 server crashes" in table
     assert (tmp_path / "bench-robust.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

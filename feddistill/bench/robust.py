@@ -199,9 +199,19 @@ def cell_overrides(setting: RobustSetting, cell: Cell) -> tuple[dict[str, Any], 
 # ---------------------------------------------------------------------------------------------
 
 
+def _count(value: Any) -> int:
+    """A round's ``clipped`` / ``capped_examples``: a list of entries (admission control
+    writes one per reply), a number, or absent (before admission control): 0."""
+    if value is None:
+        return 0
+    if isinstance(value, list | tuple):
+        return len(value)
+    return int(value)
+
+
 def summarize_rounds(results: Mapping[str, Any]) -> dict[str, Any]:
-    """Failures, clipped replies and failed rounds from a results.json (``clipped`` may be
-    absent: admission control adds it; absent counts as 0)."""
+    """Failures, clipped replies, capped ``num-examples`` and failed rounds from a results.json
+    (``clipped`` and ``capped_examples`` may be absent: admission control adds them)."""
     rounds = results.get("rounds", [])
     reasons: collections.Counter[str] = collections.Counter()
     for r in rounds:
@@ -211,7 +221,8 @@ def summarize_rounds(results: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "rounds": len(rounds),
         "failures": sum(int(r.get("failures", 0)) for r in rounds),
-        "clipped": sum(int(r.get("clipped", 0) or 0) for r in rounds),
+        "clipped": sum(_count(r.get("clipped")) for r in rounds),
+        "capped_examples": sum(_count(r.get("capped_examples")) for r in rounds),
         "failed_rounds": sum(1 for r in rounds if r.get("round_failure")),
         "failure_reasons": dict(reasons.most_common(5)),
         "curve": [r.get("accuracy") for r in rounds],
@@ -272,6 +283,7 @@ def _cell_entry(setting: RobustSetting, cell: Cell) -> dict[str, Any]:
         "rounds": 0,
         "failures": 0,
         "clipped": 0,
+        "capped_examples": 0,
         "failed_rounds": 0,
         "failure_reasons": {},
         "curve": [],
@@ -419,7 +431,8 @@ def format_table(bench: dict[str, Any]) -> str:
     head = (
         f"Final accuracy on {s['rows']['test']} test rows; {s['num_clients']} clients, "
         f"{s['clients_per_round']} per round, {s['rounds']} rounds, teacher {s['teacher']} "
-        f"({s['date']}). A cell reads `accuracy (failures/clipped)`; `CRASH` is a server that "
+        f"({s['date']}). A cell reads `accuracy (failures/clipped/capped)`: replies dropped, "
+        "updates clipped and `num-examples` claims capped over the run; `CRASH` is a server that "
         "stopped, `NaN` a non-finite global model.\n\n"
         "| aggregator | attack | 0% | " + " | ".join(f"{round(100 * f)}%" for f in fracs) + " |\n"
         "|---|---|" + "---:|" * (len(fracs) + 1)
@@ -435,7 +448,8 @@ def format_table(bench: dict[str, Any]) -> str:
             return "CRASH"
         if e["finite"] is False:
             return "NaN"
-        return f"{_pct(e['accuracy'])} ({e['failures']}/{e['clipped']})"
+        counts = f"{e['failures']}/{e['clipped']}/{e.get('capped_examples', 0)}"
+        return f"{_pct(e['accuracy'])} ({counts})"
 
     aggs = list(dict.fromkeys(e["aggregator"] for e in bench["cells"]))
     attacks = list(dict.fromkeys(e["attack"] for e in bench["cells"] if e["attack"] != NO_ATTACK))
