@@ -349,6 +349,14 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     bench_cli.add_arguments(bench)
     bench.set_defaults(func=bench_cli.run_command)
 
+    from feddistill.bench import robust
+
+    br = sub.add_parser(
+        "bench-robust", help="robustness benchmark: aggregator x attack x hostile fraction"
+    )
+    robust.add_arguments(br)
+    br.set_defaults(func=robust.run_command)
+
 
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from feddistill.codec.bench import format_codec_table, run_codec_bench

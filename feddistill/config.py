@@ -358,6 +358,52 @@ class TrackingConfig:
             _fail("tracking.experiment", self.experiment, "a non-empty experiment name")
 
 
+ATTACK_KINDS = (
+    "none",
+    "sign-flip",
+    "scale",
+    "noise",
+    "label-flip",
+    "free-rider",
+    "garbage",
+    "extra-metric",
+    "missing-metric",
+    "inflate-examples",
+    "replay",
+)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Simulation only: turn ``fraction`` of the clients hostile (:mod:`feddistill.attacks`).
+
+    Which partitions are hostile is a function of ``seed``, ``fraction`` and
+    ``data.num-clients`` alone, so every process agrees and a run repeats. ``scale`` multiplies
+    the update (``kind = "scale"``); ``noise_std`` is the standard deviation of the Gaussian
+    noise added to it (``noise``); ``inflate`` multiplies the reported ``num-examples``
+    (``inflate-examples``). With ``kind = "none"`` (the default) nothing here runs at all.
+    """
+
+    kind: str = "none"
+    fraction: float = 0.0
+    scale: float = 100.0
+    noise_std: float = 1.0
+    inflate: float = 1e6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("attack.kind", self.kind, ATTACK_KINDS)
+        _check_range("attack.fraction", self.fraction, lo=0, hi=1)
+        _check_range("attack.scale", self.scale, lo=-1e30, hi=1e30)
+        _check_range("attack.noise-std", self.noise_std, lo=0, hi=1e30)
+        _check_range("attack.inflate", self.inflate, lo=0, lo_open=True, hi=1e30)
+        _check_range("attack.seed", self.seed, lo=0)
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none" and self.fraction > 0
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole run: one instance, shared by the server and (via messages) the clients.
@@ -383,6 +429,7 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def __post_init__(self) -> None:
         _check_range("rounds", self.rounds, lo=1, hi=100_000)
@@ -390,6 +437,12 @@ class Config:
         _check_choice("mode", self.mode, ("simulation", "deployment"))
         if not self.output_dir:
             _fail("output-dir", self.output_dir, "a folder path")
+        if self.mode == "deployment" and self.attack.kind != "none":
+            raise ConfigError(
+                f"invalid config attack.kind = {self.attack.kind!r}: attacks are simulation "
+                "only and refused with mode = 'deployment' (real devices would send the "
+                "poisoned updates); expected attack.kind = 'none' or mode = 'simulation'"
+            )
         self._check_robust_rule()
 
     def _check_robust_rule(self) -> None:
@@ -584,6 +637,12 @@ DESCRIPTIONS: dict[str, str] = {
     "tracking.backend": "experiment tracking: `none`, `tensorboard` or `mlflow` (docs/tracking.md)",
     "tracking.uri": 'TensorBoard folder or MLflow tracking URI ("" = under the output folder)',
     "tracking.experiment": "MLflow experiment name",
+    "attack.kind": "simulation only: what the hostile clients do (docs/robustness-bench.md)",
+    "attack.fraction": "share of the clients that are hostile",
+    "attack.scale": "factor on a hostile update (`scale`)",
+    "attack.noise-std": "standard deviation of the noise a hostile client adds (`noise`)",
+    "attack.inflate": "factor on a hostile client's `num-examples` (`inflate-examples`)",
+    "attack.seed": "seed that picks which partitions are hostile",
 }
 
 _TYPE_LABELS = {int: "int", float: "float", bool: "bool", str: "string"}

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from feddistill import keys
+from feddistill.client import hostile
 from feddistill.client.state import ClientState, DownlinkCache
 from feddistill.codec import (
     PayloadError,
@@ -330,6 +331,9 @@ def train_round(
             "keep state between rounds that must belong to one run: update the server"
         )
     data = node_data(cfg, labels, node_config)
+    attacker = hostile.is_hostile(cfg, node_config)  # simulation only, attack.* configured
+    if attacker:
+        data = hostile.training_data(cfg, len(labels.names), data)
     models = load_initial(cfg, labels, inp.init_digest)
     ref = received_arrays(models, cfg, inp.payload, data.cache_root)
     state = ClientState.open(data.cache_root, data.key)
@@ -364,6 +368,8 @@ def train_round(
 
     after = get_arrays(student, models.names)
     update = {n: after[n] - ref[n] for n in models.names}
+    if attacker:
+        update = hostile.update(cfg, update, state.root, inp.server_round, data.key)
     if spec.error_feedback:
         residual = state.load_residual(models.schema, before_round=inp.server_round, run=inp.run_id)
         update = with_residual(update, residual)
@@ -381,12 +387,15 @@ def train_round(
         keys.CLIENT_SECONDS: time.perf_counter() - t0,
         keys.STATE_BYTES: float(state.disk_bytes()),
     }
+    payload = encoded.payload
+    if attacker:
+        payload, metrics = hostile.reply(cfg, payload, metrics, inp.server_round, data.key)
     # The cached initial models stay on CPU (only deep copies were moved to the device), so
     # dropping these copies and emptying the allocator's cache leaves an idle worker no GPU memory.
     del teacher, student
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return encoded.payload, metrics
+    return payload, metrics
 
 
 def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, float]:
