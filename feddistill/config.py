@@ -315,6 +315,58 @@ class CacheConfig:
         _check_range("cache.max-mb", self.max_mb, lo=0)
 
 
+PRIVACY_MODES = ("none", "central")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy, DP-FedAvg style (docs/privacy.md).
+
+    ``mode = "central"``: each client clips its update (after error feedback, before
+    compression) to L2 norm ``clip``; the server samples clients by Poisson sampling (rate
+    ``server.clients-per-round / data.num-clients``) and adds Gaussian noise of standard
+    deviation ``noise_multiplier * clip`` to the sum of the updates (the server is trusted).
+    ``noise_multiplier = 0`` derives it from ``target_epsilon`` for the planned ``rounds``.
+    ``delta = 0`` means ``1 / N^1.1``. ``adaptive_clip``: the clip follows the
+    ``target_quantile`` of the update norms (Andrew et al. 2021) at rate ``clip_lr``, starting
+    at ``clip``; the clipped count gets noise of std ``clipped_count_stddev`` (0: the
+    expected clients per round / 20, the paper's choice).
+    """
+
+    mode: str = "none"
+    clip: float = 1.0
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clipped_count_stddev: float = 0.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("privacy.mode", self.mode, PRIVACY_MODES)
+        _check_range("privacy.clip", self.clip, lo=0, lo_open=True)
+        _check_range("privacy.target-quantile", self.target_quantile, lo=0, hi=1)
+        _check_range("privacy.clip-lr", self.clip_lr, lo=0, lo_open=True, hi=10)
+        _check_range("privacy.clipped-count-stddev", self.clipped_count_stddev, lo=0)
+        _check_range("privacy.noise-multiplier", self.noise_multiplier, lo=0, hi=1e4)
+        _check_range("privacy.target-epsilon", self.target_epsilon, lo=0, hi=1e3)
+        _check_range("privacy.delta", self.delta, lo=0, hi=1, hi_open=True)
+        if self.mode == "none":
+            return
+        if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
+            _fail(
+                "privacy.noise-multiplier",
+                self.noise_multiplier,
+                "exactly one of privacy.noise-multiplier > 0 or privacy.target-epsilon > 0 "
+                f"with privacy.mode = 'central' (privacy.target-epsilon = {self.target_epsilon:g})",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
 TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")
 
 
@@ -364,6 +416,7 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check_range("rounds", self.rounds, lo=1, hi=100_000)
@@ -372,6 +425,36 @@ class Config:
         if not self.output_dir:
             _fail("output-dir", self.output_dir, "a folder path")
         self._check_robust_rule()
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """Central DP needs a mean-based rule, uniform weights and a delta below 1/N."""
+        if not self.privacy.enabled:
+            return
+        s = self.server
+        if not STRATEGIES[s.strategy].composes_with_dp:
+            ok = ", ".join(repr(k) for k, v in STRATEGIES.items() if v.composes_with_dp)
+            raise ConfigError(
+                f"invalid config server.strategy = {s.strategy!r} with privacy.mode = "
+                f"{self.privacy.mode!r}: the noise of central DP covers the mean of the "
+                "clipped updates, but this robust rule looks at each update on its own, "
+                f"which the noise does not protect; expected one of {ok}, or privacy.mode = 'none'"
+            )
+        if s.weighting != "uniform":
+            raise ConfigError(
+                f"invalid config server.weighting = {s.weighting!r} with privacy.mode = "
+                f"{self.privacy.mode!r}: weighting by num-examples lets one client with many "
+                "examples move the mean by more than privacy.clip / m, which the noise is "
+                "calibrated for; expected server.weighting = 'uniform'"
+            )
+        n = self.data.num_clients
+        if self.privacy.delta >= 1 / n:
+            _fail(
+                "privacy.delta",
+                self.privacy.delta,
+                f"0 (1/N^1.1) or a number below 1/data.num-clients = {1 / n:.3g}: a larger "
+                "delta allows releasing one client's data whole",
+            )
 
     def _check_robust_rule(self) -> None:
         """A robust rule that cannot hold even when every sampled client replies is an error.

@@ -11,6 +11,7 @@ LABELS = "feddistill.labels"  # the run's label names, JSON list
 INIT_DIGEST = "feddistill.init-digest"  # hash of the initial exchanged student weights
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by FedProx
+CLIP_NORM = "feddistill.clip-norm"  # privacy: this round's clipping norm (adaptive clipping)
 
 # MetricRecord entries returned by clients
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
@@ -20,3 +21,4 @@ TEACHER_VAL_ACCURACY = "teacher-val-accuracy"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 CLIENT_SECONDS = "client-seconds"
+NORM_BIT = "norm-bit"  # privacy: 1.0 if the client's update was clipped this round, else 0.0

@@ -22,7 +22,15 @@ import numpy as np
 import torch
 
 from feddistill.client.state import ClientState, DownlinkCache
-from feddistill.codec import decode, encode, parse_spec, residual_after, with_residual
+from feddistill.codec import (
+    CompressionSpec,
+    decode,
+    encode,
+    parse_spec,
+    residual_after,
+    with_residual,
+)
+from feddistill.codec import Encoded as EncodedUpdate
 from feddistill.codec.chain import apply_chain, unpack_chain
 from feddistill.config import Config, parse_config
 from feddistill.distill.train import (
@@ -35,7 +43,9 @@ from feddistill.distill.train import (
     pick_device,
     predict_logits,
 )
+from feddistill.keys import NORM_BIT
 from feddistill.models.build import Labels, get_arrays, set_arrays
+from feddistill.privacy.mechanism import clip_to_norm
 from feddistill.task import (
     InitialModels,
     TextSplit,
@@ -61,6 +71,7 @@ class RoundInput:
     payload: np.ndarray
     server_round: int
     proximal_mu: float = 0.0
+    clip_norm: float = 0.0  # privacy: this round's clip (adaptive clipping); 0: privacy.clip
 
 
 @dataclass
@@ -321,14 +332,10 @@ def train_round(
     after = get_arrays(student, models.names)
     update = {n: after[n] - ref[n] for n in models.names}
     spec = parse_spec(cfg.compression.uplink)
-    if spec.error_feedback:
-        residual = state.load_residual(models.schema, before_round=inp.server_round)
-        update = with_residual(update, residual)
-    encoded = encode(update, spec, seed=seed)
-    if spec.error_feedback:
-        state.save_residual(residual_after(update, encoded.decoded), inp.server_round)
+    encoded, privacy_metrics = private_update(cfg, inp, models, state, update, spec, seed)
 
     metrics = {
+        **privacy_metrics,
         "num-examples": float(len(data.train)),
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
@@ -342,6 +349,37 @@ def train_round(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return encoded.payload, metrics
+
+
+def private_update(
+    cfg: Config,
+    inp: RoundInput,
+    models: InitialModels,
+    state: ClientState,
+    update: dict[str, np.ndarray],
+    spec: CompressionSpec,
+    seed: int,
+) -> tuple[EncodedUpdate, dict[str, float]]:
+    """Error feedback, then (with privacy on) clipping, then compression.
+
+    The order is what keeps the release at sensitivity ``C`` (docs/privacy.md): the residual
+    is added first, the sum is clipped to ``C``, and only the clipped vector is encoded, so the
+    message is a function of a vector of norm <= ``C``. The new residual is
+    ``clipped - decoded``: the codec's error on that clipped vector, never the part the clip
+    cut off, so no unclipped information reaches a later message either.
+    """
+    if spec.error_feedback:
+        residual = state.load_residual(models.schema, before_round=inp.server_round)
+        update = with_residual(update, residual)
+    extra: dict[str, float] = {}
+    if cfg.privacy.enabled:
+        clip = inp.clip_norm if inp.clip_norm > 0 else cfg.privacy.clip
+        update, norm = clip_to_norm(update, clip)
+        extra[NORM_BIT] = float(norm > clip)
+    encoded = encode(update, spec, seed=seed)
+    if spec.error_feedback:
+        state.save_residual(residual_after(update, encoded.decoded), inp.server_round)
+    return encoded, extra
 
 
 def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, float]:

@@ -84,6 +84,7 @@ class ServerState:
     torch_random: np.ndarray | None = None
     downlink: dict[str, Any] | None = None  # the chained downlink's state, if any
     tail: dict[str, Any] | None = None  # the running sum of server.average-last, if any
+    privacy: dict[str, Any] | None = None  # CentralPrivacy.state_dict(), if privacy is on
 
 
 def state_path(output_dir: str | Path) -> Path:
@@ -181,6 +182,8 @@ def save_state(path: Path, state: ServerState) -> None:
         }
     if state.tail is not None:
         manifest["tail"] = {"meta": state.tail["meta"], "total": _pack(state.tail["total"], arrays)}
+    if state.privacy is not None:
+        manifest["privacy"] = state.privacy
     blob = np.frombuffer(json.dumps(manifest, default=_json_default).encode(), dtype=np.uint8)
     save_arrays(path, {_MANIFEST: blob, **arrays})  # atomic: temp file + os.replace
 
@@ -216,6 +219,7 @@ def load_state(path: Path) -> ServerState | None:
         torch_random=None if torch_random is None else _unpack(torch_random, arrays),
         downlink=downlink,
         tail=tail,
+        privacy=manifest.get("privacy"),
     )
 
 
@@ -285,6 +289,7 @@ def snapshot(
         torch_random=torch_random,
         downlink=downlink,
         tail=tail,
+        privacy=None if strategy.privacy is None else strategy.privacy.state_dict(),
     )
 
 
@@ -312,6 +317,8 @@ def restore(
     restore_strategy(strategy.inner, state.strategy)
     if strategy.chain is not None and state.downlink is not None:
         strategy.chain.load_state(**state.downlink)
+    if strategy.privacy is not None and state.privacy is not None:
+        strategy.privacy.load_state_dict(state.privacy)
     strategy.round_offset = state.round
     record.rounds = list(state.record["rounds"])
     record.initial = dict(state.record["initial"])

@@ -42,6 +42,7 @@ from flwr.serverapp.strategy import Strategy
 from feddistill import keys
 from feddistill.codec import CompressionSpec, PayloadError, decode, encode
 from feddistill.codec.chain import ChainSender
+from feddistill.strategies.private import CentralPrivacy
 from feddistill.wire import message_bytes, payload_record
 
 log = logging.getLogger("feddistill.server")
@@ -78,8 +79,10 @@ class CompressedStrategy(Strategy):
         min_replies: int = 1,
         round_offset: int = 0,
         uniform: bool = False,
+        privacy: CentralPrivacy | None = None,
     ) -> None:
         self.inner = inner
+        self.privacy = privacy  # central DP: one step per hook (feddistill.strategies.private)
         self.uniform = uniform
         self.schema = [(n, tuple(s)) for n, s in schema]
         self.names = [n for n, _ in self.schema]
@@ -188,7 +191,11 @@ class CompressedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        if self.privacy is not None:
+            self.privacy.configure(config)
         messages = self.inner.configure_train(server_round, arrays, config, grid)
+        if self.privacy is not None:
+            messages = self.privacy.select(list(messages))
         out = self._compress_messages(
             server_round, messages, arrays, self._round(server_round).bytes_down
         )
@@ -243,6 +250,11 @@ class CompressedStrategy(Strategy):
                 self.min_replies,
             )
             return None, None
+        if self.privacy is not None:
+            assert self._global is not None
+            valid = self.privacy.privatize(
+                server_round, valid, self._global, self.names, self.inner_key
+            )
         result = self.inner.aggregate_train(server_round, valid)
         if result[1] is not None:
             stats.train_metrics = {k: float(v) for k, v in result[1].items()}  # type: ignore[arg-type]

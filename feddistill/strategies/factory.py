@@ -13,6 +13,7 @@ from feddistill.aggregation import STRATEGIES, requirement
 from feddistill.codec import parse_spec
 from feddistill.config import Config
 from feddistill.strategies.compressed import CompressedStrategy, RoundTraffic
+from feddistill.strategies.private import CentralPrivacy
 from feddistill.strategies.robust import ReplyFloor
 
 log = logging.getLogger("feddistill.server")
@@ -22,10 +23,14 @@ def inner_strategy(cfg: Config, num_nodes: int) -> Strategy:
     """The plain Flower strategy named by ``server.strategy`` (see :data:`STRATEGIES`).
 
     ``server.clients-per-round`` < 1 is a fraction of the connected nodes, >= 1 a count; Flower
-    samples ``max(int(nodes * fraction), min_train_nodes)``, so a count sets both.
+    samples ``max(int(nodes * fraction), min_train_nodes)``, so a count sets both. With privacy
+    on, training addresses every node and the privacy step samples (Poisson).
     """
     s = cfg.server
     n_train = s.num_sampled(s.clients_per_round, num_nodes)
+    if cfg.privacy.enabled:
+        # Poisson sampling: address every node; CentralPrivacy.select keeps each with rate q.
+        n_train = num_nodes
     n_eval = 0 if s.evaluate_clients == 0 else s.num_sampled(s.evaluate_clients, num_nodes)
     choice = STRATEGIES[s.strategy]
     kwargs: dict[str, Any] = {
@@ -63,6 +68,7 @@ def build_strategy(
         seed=cfg.seed,
         min_replies=cfg.server.min_replies,
         uniform=cfg.server.weighting == "uniform",
+        privacy=CentralPrivacy.from_config(cfg, num_nodes),
     )
     if isinstance(inner, ReplyFloor):
 
