@@ -74,6 +74,19 @@ def test_clip_to_norm_caps_large_updates_and_keeps_small_ones() -> None:
         np.testing.assert_array_equal(kept[n], small[n])
 
 
+def test_clipped_norm_never_exceeds_the_clip_whatever_the_scale_and_dtype() -> None:
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        scale = 10.0 ** rng.uniform(-6, 6)
+        dtype = np.float64 if trial % 2 else np.float32
+        update = {n: (rng.standard_normal(s) * scale).astype(dtype) for n, s in SCHEMA}
+        clip = float(10.0 ** rng.uniform(-6, 6))
+
+        clipped, _ = clip_to_norm(update, clip)
+
+        assert l2_norm(clipped) <= clip
+
+
 def _client_rounds(
     tmp_path: Path, uplink: str, clip: float, rounds: int
 ) -> list[tuple[float, float, float]]:
