@@ -389,3 +389,89 @@ def test_the_adaptive_clip_survives_a_checkpoint(tmp_path: Path) -> None:
     loaded = load_state(tmp_path / "s.npz")
 
     assert loaded is not None and loaded.privacy == {"clip": 0.3}
+
+
+def test_bench_privacy_runs_each_uplink_without_privacy_then_at_each_epsilon(
+    tmp_path: Path,
+) -> None:
+    from feddistill.bench.privacy import COMPRESSED, base_config, points
+    from feddistill.config import parse_config
+
+    runs = points([2.0, 8.0], clip=0.5, delta=1e-5)
+
+    assert [name for name, _ in runs] == [
+        "compressed-nonprivate",
+        "compressed-eps2",
+        "compressed-eps8",
+        "dense-nonprivate",
+        "dense-eps2",
+        "dense-eps8",
+    ]
+    for name, overrides in runs:  # every point is a valid config of the 1,000-client shape
+        cfg = parse_config({**base_config(1000, 50, 30, tmp_path / name), **overrides})
+        assert cfg.privacy.enabled == ("eps" in name)
+        assert cfg.compression.uplink == (COMPRESSED if name.startswith("compressed") else "none")
+
+
+class _Grid:
+    """Just what FedAvg.configure_train asks of a Grid."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+@pytest.mark.usefixtures("_task_identity")
+def test_compressed_strategy_samples_by_poisson_and_aggregates_the_clipped_mean() -> None:
+    from feddistill.codec import encode
+    from feddistill.strategies import CompressedStrategy
+    from feddistill.wire import payload_record
+
+    # Prepare: 8 nodes, 4 expected per round, negligible noise so the mean can be checked.
+    rng = np.random.default_rng(4)
+    names = [n for n, _ in SCHEMA]
+    initial = _update(rng, 1.0)
+    settings = PrivacyConfig(mode="central", clip=0.5, noise_multiplier=1e-9)
+    dp = CentralPrivacy(settings, num_clients=8, expected=4, rounds=5, rng=rng)
+    inner = FedAvg(fraction_train=1.0, min_train_nodes=8, min_available_nodes=8)
+    wrapper = CompressedStrategy(
+        inner,
+        schema=SCHEMA,
+        initial=initial,
+        uplink=parse_spec("none"),
+        downlink=parse_spec("none"),
+        max_payload_bytes=1 << 24,
+        uniform=True,
+        privacy=dp,
+    )
+    arrays = ArrayRecord({n: Array(a) for n, a in initial.items()})
+    config = ConfigRecord()
+
+    # Execute: round 1 with replies from every sampled node, round 2 with none at all.
+    sent = list(wrapper.configure_train(1, arrays, config, _Grid(list(range(1, 9)))))
+    deltas = [_update(rng, 1.0) for _ in sent]
+    replies = []
+    for msg, delta in zip(sent, deltas, strict=True):
+        content = RecordDict(
+            {
+                keys.ARRAYS: payload_record(encode(delta, parse_spec("none")).payload),
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10.0, keys.NORM_BIT: 1.0}),
+            }
+        )
+        replies.append(Message(content, reply_to=msg))
+    new, _ = wrapper.aggregate_train(1, replies)
+    skipped = wrapper.aggregate_train(2, [])
+
+    # Assert
+    assert config[keys.CLIP_NORM] == 0.5
+    assert 0 < len(sent) < 8  # a Poisson sample of the 8 nodes (this seed: neither extreme)
+    assert new is not None and skipped == (None, None)
+    for n in names:
+        clipped_sum = sum(clip_to_norm(d, 0.5)[0][n] for d in deltas)
+        np.testing.assert_allclose(
+            new[n].numpy(), initial[n] + clipped_sum / 4, rtol=1e-4, atol=1e-6
+        )
+    assert dp.figures(1)["clipped_fraction"] == 1.0
+    assert dp.figures(2)["epsilon"] > dp.figures(1)["epsilon"] > 0
