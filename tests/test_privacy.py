@@ -475,3 +475,14 @@ def test_compressed_strategy_samples_by_poisson_and_aggregates_the_clipped_mean(
         )
     assert dp.figures(1)["clipped_fraction"] == 1.0
     assert dp.figures(2)["epsilon"] > dp.figures(1)["epsilon"] > 0
+
+
+def test_tracking_logs_the_round_privacy_figures() -> None:
+    from feddistill.server.tracking import round_metrics
+
+    entry = {"round": 3, "privacy": {"epsilon": 1.5, "delta": 1e-5, "clipped_fraction": None}}
+
+    metrics = round_metrics(entry)
+
+    assert metrics["privacy/epsilon"] == 1.5 and metrics["privacy/delta"] == 1e-5
+    assert "privacy/clipped_fraction" not in metrics  # None (no reply this round) is left out
