@@ -48,6 +48,19 @@ class StrategyChoice:
     params: tuple[tuple[str, str], ...] = ()
     robust: bool = False
 
+    @property
+    def composes_with_dp(self) -> bool:
+        """Whether central DP noise on the mean of clipped updates makes this rule private.
+
+        The Gaussian mechanism privatizes the *mean* (its sensitivity to one client is
+        ``C / m``); a rule that then only moves the global along that noisy mean (FedAvg,
+        FedProx, FedAvgM, the adaptive FedAdam/FedYogi/FedAdagrad) is post-processing of it.
+        The robust rules need each client's update on its own (a median, trimmed ends,
+        Krum's distances): they would see the clipped but un-noised updates, whose
+        sensitivity is the whole update, so no noise of the mean covers them.
+        """
+        return not self.robust
+
 
 _OPT = (("eta", "eta"), ("tau", "tau"))
 _F = ("num_malicious_nodes", "num_malicious")

@@ -341,6 +341,14 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     scale.add_arguments(bs)
     bs.set_defaults(func=scale.run_command)
 
+    from feddistill.bench import privacy as privacy_bench
+
+    bp = sub.add_parser(
+        "bench-privacy", help="privacy benchmark: final accuracy vs epsilon, compressed and dense"
+    )
+    privacy_bench.add_arguments(bp)
+    bp.set_defaults(func=privacy_bench.run_command)
+
     from feddistill.bench import cli as bench_cli
 
     bench = sub.add_parser(

@@ -334,6 +334,58 @@ class CacheConfig:
         _check_range("cache.max-mb", self.max_mb, lo=0)
 
 
+PRIVACY_MODES = ("none", "central")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy, DP-FedAvg style (docs/privacy.md).
+
+    ``mode = "central"``: each client clips its update (after error feedback, before
+    compression) to L2 norm ``clip``; the server samples clients by Poisson sampling (rate
+    ``server.clients-per-round / data.num-clients``) and adds Gaussian noise of standard
+    deviation ``noise_multiplier * clip`` to the sum of the updates (the server is trusted).
+    ``noise_multiplier = 0`` derives it from ``target_epsilon`` for the planned ``rounds``.
+    ``delta = 0`` means ``1 / N^1.1``. ``adaptive_clip``: the clip follows the
+    ``target_quantile`` of the update norms (Andrew et al. 2021) at rate ``clip_lr``, starting
+    at ``clip``; the clipped count gets noise of std ``clipped_count_stddev`` (0: the
+    expected clients per round / 20, the paper's choice).
+    """
+
+    mode: str = "none"
+    clip: float = 1.0
+    adaptive_clip: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    clipped_count_stddev: float = 0.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("privacy.mode", self.mode, PRIVACY_MODES)
+        _check_range("privacy.clip", self.clip, lo=0, lo_open=True)
+        _check_range("privacy.target-quantile", self.target_quantile, lo=0, hi=1)
+        _check_range("privacy.clip-lr", self.clip_lr, lo=0, lo_open=True, hi=10)
+        _check_range("privacy.clipped-count-stddev", self.clipped_count_stddev, lo=0)
+        _check_range("privacy.noise-multiplier", self.noise_multiplier, lo=0, hi=1e4)
+        _check_range("privacy.target-epsilon", self.target_epsilon, lo=0, hi=1e3)
+        _check_range("privacy.delta", self.delta, lo=0, hi=1, hi_open=True)
+        if self.mode == "none":
+            return
+        if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
+            _fail(
+                "privacy.noise-multiplier",
+                self.noise_multiplier,
+                "exactly one of privacy.noise-multiplier > 0 or privacy.target-epsilon > 0 "
+                f"with privacy.mode = 'central' (privacy.target-epsilon = {self.target_epsilon:g})",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
 TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")
 
 
@@ -430,6 +482,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check_range("rounds", self.rounds, lo=1, hi=100_000)
@@ -444,6 +497,36 @@ class Config:
                 "poisoned updates); expected attack.kind = 'none' or mode = 'simulation'"
             )
         self._check_robust_rule()
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """Central DP needs a mean-based rule, uniform weights and a delta below 1/N."""
+        if not self.privacy.enabled:
+            return
+        s = self.server
+        if not STRATEGIES[s.strategy].composes_with_dp:
+            ok = ", ".join(repr(k) for k, v in STRATEGIES.items() if v.composes_with_dp)
+            raise ConfigError(
+                f"invalid config server.strategy = {s.strategy!r} with privacy.mode = "
+                f"{self.privacy.mode!r}: the noise of central DP covers the mean of the "
+                "clipped updates, but this robust rule looks at each update on its own, "
+                f"which the noise does not protect; expected one of {ok}, or privacy.mode = 'none'"
+            )
+        if s.weighting != "uniform":
+            raise ConfigError(
+                f"invalid config server.weighting = {s.weighting!r} with privacy.mode = "
+                f"{self.privacy.mode!r}: weighting by num-examples lets one client with many "
+                "examples move the mean by more than privacy.clip / m, which the noise is "
+                "calibrated for; expected server.weighting = 'uniform'"
+            )
+        n = self.data.num_clients
+        if self.privacy.delta >= 1 / n:
+            _fail(
+                "privacy.delta",
+                self.privacy.delta,
+                f"0 (1/N^1.1) or a number below 1/data.num-clients = {1 / n:.3g}: a larger "
+                "delta allows releasing one client's data whole",
+            )
 
     def _check_robust_rule(self) -> None:
         """A robust rule that cannot hold even when every sampled client replies is an error.
@@ -637,6 +720,18 @@ DESCRIPTIONS: dict[str, str] = {
     "tracking.backend": "experiment tracking: `none`, `tensorboard` or `mlflow` (docs/tracking.md)",
     "tracking.uri": 'TensorBoard folder or MLflow tracking URI ("" = under the output folder)',
     "tracking.experiment": "MLflow experiment name",
+    "privacy.mode": "client-level differential privacy: `none` or `central` (server adds the "
+    "noise; docs/privacy.md)",
+    "privacy.clip": "L2 norm C each client's update is clipped to (the start value when adaptive)",
+    "privacy.adaptive-clip": "let C follow a quantile of the update norms (Andrew et al. 2021)",
+    "privacy.target-quantile": "share of updates adaptive clipping aims to leave unclipped",
+    "privacy.clip-lr": "learning rate of the adaptive clip",
+    "privacy.clipped-count-stddev": "noise std of the clipped count (0 = expected clients per "
+    "round / 20)",
+    "privacy.noise-multiplier": "sigma: noise std over C (0 = derived from privacy.target-epsilon)",
+    "privacy.target-epsilon": "epsilon the planned rounds may spend (sets sigma when "
+    "privacy.noise-multiplier = 0)",
+    "privacy.delta": "delta of the guarantee (0 = 1 / num-clients^1.1)",
     "attack.kind": "simulation only: what the hostile clients do (docs/robustness-bench.md)",
     "attack.fraction": "share of the clients that are hostile",
     "attack.scale": "factor on a hostile update (`scale`)",

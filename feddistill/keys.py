@@ -21,6 +21,7 @@ INIT_DIGEST = "feddistill.init-digest"  # hash of the initial exchanged student 
 RUN_ID = "feddistill.run-id"  # 8 random bytes naming the run: new for a fresh run, kept on resume
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by FedProx
+CLIP_NORM = "feddistill.clip-norm"  # privacy: this round's clipping norm (adaptive clipping)
 
 # MetricRecord entries returned by clients
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
@@ -32,6 +33,7 @@ EVAL_ACCURACY = "eval-accuracy"
 CLIENT_SECONDS = "client-seconds"
 TEACHER_FITTED = "teacher-fitted"  # 1.0 when the client fine-tuned its teacher this round
 STATE_BYTES = "state-bytes"  # node-local client state on disk after the round
+NORM_BIT = "norm-bit"  # privacy: 1.0 if the client's update was clipped this round, else 0.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class ReplySchema:
 TRAIN_REPLY = ReplySchema(
     payload=True,
     required=(NUM_EXAMPLES,),
-    optional=(TRAIN_LOSS, TRAIN_ACCURACY, TEACHER_FITTED, CLIENT_SECONDS, STATE_BYTES),
+    optional=(TRAIN_LOSS, TRAIN_ACCURACY, TEACHER_FITTED, CLIENT_SECONDS, STATE_BYTES, NORM_BIT),
 )
 # An evaluation reply exists to report these three.
 EVALUATE_REPLY = ReplySchema(payload=False, required=(NUM_EXAMPLES, EVAL_LOSS, EVAL_ACCURACY))

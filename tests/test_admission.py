@@ -437,7 +437,9 @@ def test_pure_rules() -> None:
 
 
 def test_client_reply_metrics_follow_the_schema() -> None:
-    assert set(metric_record(keys.TRAIN_REPLY, _metrics())) == set(keys.TRAIN_REPLY.metric_keys)
+    # norm-bit is sent only with privacy on (tests/test_privacy.py)
+    with_bit = _metrics(**{keys.NORM_BIT: 1.0})
+    assert set(metric_record(keys.TRAIN_REPLY, with_bit)) == set(keys.TRAIN_REPLY.metric_keys)
     with pytest.raises(ValueError, match="unknown \\['x'\\]"):
         metric_record(keys.TRAIN_REPLY, _metrics(x=1.0))
     with pytest.raises(ValueError, match="missing \\['eval-loss'\\]"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -46,7 +47,17 @@ def unpack(msg: Message) -> RoundInput:
         server_round=int(config.get(keys.SERVER_ROUND, 0)),
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
         run_id=unpack_run_id(config.get(keys.RUN_ID)),
+        clip_norm=_clip_norm(config.get(keys.CLIP_NORM, 0.0)),
     )
+
+
+def _clip_norm(value: object) -> float:
+    """The round's clip from the server (adaptive clipping); a finite positive float or 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PayloadError("config", f"{keys.CLIP_NORM} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise PayloadError("config", f"{keys.CLIP_NORM} must be finite and >= 0, got {value!r}")
+    return float(value)
 
 
 def _error_reply(msg: Message, err: Exception) -> Message:

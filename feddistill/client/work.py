@@ -25,6 +25,7 @@ from feddistill import keys
 from feddistill.client import hostile
 from feddistill.client.state import ClientState, DownlinkCache
 from feddistill.codec import (
+    CompressionSpec,
     PayloadError,
     decode,
     encode,
@@ -32,6 +33,7 @@ from feddistill.codec import (
     residual_after,
     with_residual,
 )
+from feddistill.codec import Encoded as EncodedUpdate
 from feddistill.codec.chain import DIGEST_CHECK, apply_chain, unpack_chain
 from feddistill.config import Config, parse_config
 from feddistill.distill.train import (
@@ -44,7 +46,9 @@ from feddistill.distill.train import (
     pick_device,
     predict_logits,
 )
+from feddistill.keys import NORM_BIT
 from feddistill.models.build import Labels, get_arrays, set_arrays
+from feddistill.privacy.mechanism import clip_to_norm
 from feddistill.task import (
     InitialModels,
     TextSplit,
@@ -71,6 +75,7 @@ class RoundInput:
     server_round: int
     proximal_mu: float = 0.0
     run_id: str = ""  # hex; scopes residuals and a mutually trained teacher to the run
+    clip_norm: float = 0.0  # privacy: this round's clip (adaptive clipping); 0: privacy.clip
 
 
 @dataclass
@@ -370,16 +375,10 @@ def train_round(
     update = {n: after[n] - ref[n] for n in models.names}
     if attacker:
         update = hostile.update(cfg, update, state.root, inp.server_round, data.key)
-    if spec.error_feedback:
-        residual = state.load_residual(models.schema, before_round=inp.server_round, run=inp.run_id)
-        update = with_residual(update, residual)
-    encoded = encode(update, spec, seed=seed)
-    if spec.error_feedback:
-        state.save_residual(
-            residual_after(update, encoded.decoded), inp.server_round, run=inp.run_id
-        )
+    encoded, privacy_metrics = private_update(cfg, inp, models, state, update, spec, seed)
 
     metrics = {  # keys.TRAIN_REPLY declares these
+        **privacy_metrics,
         keys.NUM_EXAMPLES: float(len(data.train)),
         keys.TRAIN_LOSS: stats.loss,
         keys.TRAIN_ACCURACY: stats.accuracy,
@@ -396,6 +395,39 @@ def train_round(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return payload, metrics
+
+
+def private_update(
+    cfg: Config,
+    inp: RoundInput,
+    models: InitialModels,
+    state: ClientState,
+    update: dict[str, np.ndarray],
+    spec: CompressionSpec,
+    seed: int,
+) -> tuple[EncodedUpdate, dict[str, float]]:
+    """Error feedback, then (with privacy on) clipping, then compression.
+
+    The order is what keeps the release at sensitivity ``C`` (docs/privacy.md): the residual
+    is added first, the sum is clipped to ``C``, and only the clipped vector is encoded, so the
+    message is a function of a vector of norm <= ``C``. The new residual is
+    ``clipped - decoded``: the codec's error on that clipped vector, never the part the clip
+    cut off, so no unclipped information reaches a later message either.
+    """
+    if spec.error_feedback:
+        residual = state.load_residual(models.schema, before_round=inp.server_round, run=inp.run_id)
+        update = with_residual(update, residual)
+    extra: dict[str, float] = {}
+    if cfg.privacy.enabled:
+        clip = inp.clip_norm if inp.clip_norm > 0 else cfg.privacy.clip
+        update, norm = clip_to_norm(update, clip)
+        extra[NORM_BIT] = float(norm > clip)
+    encoded = encode(update, spec, seed=seed)
+    if spec.error_feedback:
+        state.save_residual(
+            residual_after(update, encoded.decoded), inp.server_round, run=inp.run_id
+        )
+    return encoded, extra
 
 
 def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, float]:

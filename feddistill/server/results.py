@@ -73,7 +73,9 @@ class RunRecord:
         seconds: float,
         dense_bytes_per_client: int,
         client_state: dict[str, Any] | None = None,
+        privacy: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """Record one round; ``privacy``: :meth:`CentralPrivacy.figures` when DP is on."""
         up = sum(traffic.bytes_up.values())
         down = sum(traffic.bytes_down.values())
         n_up = max(len(traffic.bytes_up), 1)
@@ -118,10 +120,15 @@ class RunRecord:
             "elapsed": time.time() - self.started,
             **(client_state or {}),  # state_bytes_mean / state_bytes_max of sampled clients
         }
+        if privacy is not None:
+            entry["privacy"] = privacy
         self.rounds.append(entry)
         acc = "n/a" if entry["accuracy"] is None else f"{accuracy:.4f}"
         fed = traffic.eval_metrics.get("eval-accuracy")
         fed_txt = "" if fed is None else f"  fed-acc {fed:.4f}"
+        if privacy is not None:
+            eps = privacy.get("epsilon")
+            fed_txt += "  eps inf" if eps is None else f"  eps {eps:.3g}"
         log.info(
             "round %d/%d  acc %s  loss %.4f%s  up %s  down %s  %.1f s  failures %d",
             server_round,

@@ -231,6 +231,7 @@ def _run_server(
             now - clock["t"],
             dense_bytes,
             client_state=watch.state_bytes_summary(server_round),
+            privacy=None if strategy.privacy is None else strategy.privacy.figures(server_round),
         )
         global_now = {n: arrays[n].numpy() for n in models.names}
         if tail is not None:
@@ -290,6 +291,9 @@ def _run_server(
     else:
         extra.update({"local_only_accuracy": None})
     extra.update(_cache_usage(cfg, simulated))
+    if strategy.privacy is not None:
+        extra["privacy_guarantee"] = strategy.privacy.guarantee(len(record.rounds))
+        log.info("privacy: %s", extra["privacy_guarantee"])
     record.finish(**extra)
     tracker.finish(record.final, student_dir)
     f = record.final

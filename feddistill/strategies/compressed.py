@@ -62,6 +62,7 @@ from feddistill.strategies.admission import (
     norm_bound,
     update_norm,
 )
+from feddistill.strategies.private import CentralPrivacy
 from feddistill.strategies.state import load_strategy_state_dict, strategy_state_dict
 from feddistill.wire import message_bytes, payload_record
 
@@ -134,8 +135,10 @@ class CompressedStrategy(Strategy):
         uniform: bool = False,
         admission: AdmissionPolicy | None = None,
         known_examples: Callable[[int], tuple[int, int] | None] | None = None,
+        privacy: CentralPrivacy | None = None,
     ) -> None:
         self.inner = inner
+        self.privacy = privacy  # central DP: one step per hook (feddistill.strategies.private)
         self.uniform = uniform
         self.schema = [(n, tuple(s)) for n, s in schema]
         self.names = [n for n, _ in self.schema]
@@ -224,12 +227,14 @@ class CompressedStrategy(Strategy):
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs from this wrapper: the downlink chain (``None`` for the
-        stateless downlink) and the inner strategy's state. The round offset is not in it: it
-        is the checkpoint's round, set by :func:`feddistill.server.checkpoint.restore`; traffic
-        counters are in the run record; the rest is rebuilt by each round's hooks."""
+        stateless downlink), the inner strategy's state and the privacy step's (its clip). The
+        round offset is not in it: it is the checkpoint's round, set by
+        :func:`feddistill.server.checkpoint.restore`; traffic counters are in the run record;
+        the rest is rebuilt by each round's hooks."""
         return {
             "chain": None if self.chain is None else self.chain.state_dict(),
             "inner": strategy_state_dict(self.inner),
+            "privacy": None if self.privacy is None else self.privacy.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -239,9 +244,13 @@ class CompressedStrategy(Strategy):
                 "saved downlink state does not match compression.downlink "
                 f"{self.downlink.to_string()!r}: was the downlink codec changed?"
             )
+        if (state["privacy"] is None) != (self.privacy is None):
+            raise ValueError("saved privacy state does not match privacy.mode: was it changed?")
         if self.chain is not None:
             self.chain.load_state_dict(state["chain"])
         load_strategy_state_dict(self.inner, state["inner"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
 
     @property
     def inner_key(self) -> str:
@@ -408,7 +417,11 @@ class CompressedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        if self.privacy is not None:
+            self.privacy.configure(config)
         messages = self.inner.configure_train(server_round, arrays, config, grid)
+        if self.privacy is not None:
+            messages = self.privacy.select(list(messages))
         out = self._compress_messages(
             server_round, messages, arrays, self._round(server_round).bytes_down
         )
@@ -460,6 +473,11 @@ class CompressedStrategy(Strategy):
             )
             log.warning("round %d: %s", server_round, stats.round_failure)
             return None, None
+        if self.privacy is not None:
+            assert self._global is not None
+            valid = self.privacy.privatize(
+                server_round, valid, self._global, self.names, self.inner_key
+            )
         result = self._guarded(
             server_round, stats, "train", lambda: self.inner.aggregate_train(server_round, valid)
         )

@@ -15,6 +15,7 @@ from feddistill.codec import parse_spec
 from feddistill.config import Config
 from feddistill.strategies.admission import AdmissionPolicy
 from feddistill.strategies.compressed import CompressedStrategy, RoundTraffic
+from feddistill.strategies.private import CentralPrivacy
 from feddistill.strategies.robust import ReplyFloor
 
 log = logging.getLogger("feddistill.server")
@@ -24,10 +25,14 @@ def inner_strategy(cfg: Config, num_nodes: int) -> Strategy:
     """The plain Flower strategy named by ``server.strategy`` (see :data:`STRATEGIES`).
 
     ``server.clients-per-round`` < 1 is a fraction of the connected nodes, >= 1 a count; Flower
-    samples ``max(int(nodes * fraction), min_train_nodes)``, so a count sets both.
+    samples ``max(int(nodes * fraction), min_train_nodes)``, so a count sets both. With privacy
+    on, training addresses every node and the privacy step samples (Poisson).
     """
     s = cfg.server
     n_train = s.num_sampled(s.clients_per_round, num_nodes)
+    if cfg.privacy.enabled:
+        # Poisson sampling: address every node; CentralPrivacy.select keeps each with rate q.
+        n_train = num_nodes
     n_eval = 0 if s.evaluate_clients == 0 else s.num_sampled(s.evaluate_clients, num_nodes)
     choice = STRATEGIES[s.strategy]
     kwargs: dict[str, Any] = {
@@ -71,11 +76,15 @@ def build_strategy(
         uniform=cfg.server.weighting == "uniform",
         admission=AdmissionPolicy(
             max_examples_factor=s.max_examples_factor,
-            max_update_norm_ratio=s.max_update_norm_ratio,
+            # With privacy on, the server clips every update to privacy.clip instead: a bound
+            # taken from the round's median norm would let one client's data decide whether
+            # another's update counts, which breaks the sensitivity the accountant assumes.
+            max_update_norm_ratio=0.0 if cfg.privacy.enabled else s.max_update_norm_ratio,
             max_update_norm=s.max_update_norm,
             norm_action=s.update_norm_action,
         ),
         known_examples=known_examples,
+        privacy=CentralPrivacy.from_config(cfg, num_nodes),
     )
     if isinstance(inner, ReplyFloor):
 
