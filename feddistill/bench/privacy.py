@@ -21,32 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from feddistill.config import parse_config
+from feddistill.simulation.scale import scale_config
 
 COMPRESSED = "topk:0.01+q4+ef"
 UPLINKS = (COMPRESSED, "none")
 
 
 def base_config(clients: int, per_round: int, rounds: int, out: Path) -> dict[str, Any]:
-    """The flat run config every point shares (the shape of ``bench-scale``'s runs)."""
+    """The flat run config every point shares: ``bench-scale``'s runs (same work per round
+    for any number of clients), with ``per_round`` clients, uniform weighting (privacy refuses
+    examples-weighting) and a larger test set for the accuracy curve."""
     return {
-        "rounds": rounds,
-        "output-dir": str(out),
-        "checkpoints": False,
-        "data.num-clients": clients,
-        "data.num-examples": min(10 * clients, 50_000),
+        **scale_config(clients, rounds, out),
         "data.num-test": 500,
-        "data.partitioning": "iid",
-        "data.min-partition-size": 2,
-        "data.max-length": 16,
-        "model.teacher": "builtin:micro",
-        "model.student-layers": 1,
-        "teacher.epochs": 1,
-        "train.local-epochs": 1,
         "server.clients-per-round": float(per_round),
         "server.evaluate-clients": float(min(per_round, 10)),
-        "server.local-only": "off",
         "server.weighting": "uniform",
-        "server.round-timeout": 1800.0,
     }
 
 
