@@ -405,7 +405,13 @@ def test_tiny_federation_on_a_two_node_ray_cluster(tmp_path: Path, ray_tmp: Path
         head, address, _ = start_node(procs, "ray-head", head_argv, env, 1, [], attempts)
         _, _, cluster = start_node(procs, "ray-worker", worker_argv, env, 2, [head], attempts)
         sim_argv = command("simulate", **values, **sim_values, model=f" --config {tiny}")
-        status = procs.wait(procs.start("ray-status", command("status", **values), env), 120)
+        # `ray status` reads the autoscaler's report, which lags the GCS by a few seconds:
+        # the doc's command is rerun until it shows both nodes (or a minute has passed).
+        for attempt in range(30):
+            status = procs.start(f"ray-status-{attempt}", command("status", **values), env)
+            if procs.wait(status, 120).output().count("node_") >= 2:
+                break
+            time.sleep(2)
         ready_at = time.monotonic()
 
         # Execute: the doc's command (tiny model), as a subprocess of this test
