@@ -488,3 +488,18 @@ def test_tracking_logs_the_round_privacy_figures() -> None:
 
     assert metrics["privacy/epsilon"] == 1.5 and metrics["privacy/delta"] == 1e-5
     assert "privacy/clipped_fraction" not in metrics  # None (no reply this round) is left out
+
+
+def test_the_formulas_equal_flowers_own_helpers() -> None:
+    # Flower keeps these in a module outside its public API; the project computes them itself
+    # and this test keeps the two equal.
+    flower = pytest.importorskip("flwr.supercore.differential_privacy")
+    from feddistill.privacy.mechanism import l2_norm, noise_std
+
+    rng = np.random.default_rng(3)
+    arrays = {"a": rng.standard_normal((4, 5)).astype(np.float32), "b": rng.standard_normal(7)}
+
+    assert l2_norm(arrays) == pytest.approx(flower.get_norm(list(arrays.values())), rel=1e-6)
+    assert noise_std(1.3, 0.5, 50) == flower.compute_stdv(1.3, 0.5, 50)
+    _, expected = flower.compute_adaptive_noise_params(1.0, 100, 5.0)
+    assert update_noise_multiplier(1.0, count_stddev=5.0, expected=100) == pytest.approx(expected)

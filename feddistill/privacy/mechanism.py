@@ -12,8 +12,9 @@ One round (McMahan et al. 2018, arXiv:1710.06963, Alg. 1 with the fixed denomina
   noise is raised so that the pair costs what one Gaussian of multiplier ``sigma`` costs
   (:func:`update_noise_multiplier`, Flower's ``compute_adaptive_noise_params``).
 
-Flower's helpers (``flwr.supercore.differential_privacy``) are reused for the norm, the noise
-scale and the adaptive split; the noise itself is drawn from a ``numpy`` Generator the caller
+The norm, the noise scale and the adaptive split are the same formulas as Flower's helpers in
+``flwr.supercore.differential_privacy`` (a module outside Flower's public API, so not imported
+here); the noise itself is drawn from a ``numpy`` Generator the caller
 passes, so tests fix the seed and the server draws it from fresh OS entropy.
 """
 
@@ -23,16 +24,13 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.supercore.differential_privacy import (
-    compute_adaptive_noise_params,
-    compute_stdv,
-    get_norm,
-)
 
 
 def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
     """L2 norm of all tensors flattened together (the norm DP-FedAvg clips)."""
-    return get_norm([np.asarray(a, dtype=np.float64) for a in arrays.values()])
+    return math.sqrt(
+        sum(float(np.square(np.asarray(a, dtype=np.float64)).sum()) for a in arrays.values())
+    )
 
 
 def clip_to_norm(
@@ -58,7 +56,7 @@ def clip_to_norm(
 
 def noise_std(noise_multiplier: float, clip: float, denominator: float) -> float:
     """Standard deviation of the noise on the mean: ``sigma * C / m``."""
-    return compute_stdv(noise_multiplier, clip, denominator)  # type: ignore[arg-type]
+    return float(noise_multiplier * clip / denominator)
 
 
 def noisy_mean(
@@ -119,8 +117,15 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float, expect
     ``(z^-2 + (2 count_stddev)^-2)^-1/2``; solving for ``z`` keeps the accounted multiplier at
     ``noise_multiplier``. Raises ValueError when ``noise_multiplier >= 2 * count_stddev``.
     """
-    _, value = compute_adaptive_noise_params(noise_multiplier, expected, count_stddev)
-    return float(value)
+    if noise_multiplier <= 0:
+        return 0.0
+    if noise_multiplier >= 2 * count_stddev:
+        raise ValueError(
+            f"noise multiplier {noise_multiplier} needs a clipped-count noise above "
+            f"{noise_multiplier / 2} (got {count_stddev}, for {expected:g} expected clients "
+            "per round): raise privacy.clipped-count-stddev or lower the noise multiplier"
+        )
+    return float((noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5)
 
 
 def default_delta(num_clients: int) -> float:
