@@ -43,6 +43,29 @@ def tiny_config(tmp_path: Path, **overrides: Any) -> Config:
     return parse_config(flat)
 
 
+def simulate_with(cfg: Config, client_app: Any) -> dict[str, Any]:
+    """Run ``cfg`` through Flower's simulation engine with ``client_app`` (e.g. one whose node
+    misbehaves) and the project's ServerApp; the run's results.json."""
+    import json
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    from feddistill.server.app import make_server_app
+    from feddistill.simulation.engine import backend_config, offline_environment
+
+    offline_environment()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(cfg.to_flat()),
+            client_app=client_app,
+            num_supernodes=cfg.data.num_clients,
+            backend_config=backend_config(1.0, 0.0, verbose=False),
+        )
+    return json.loads((Path(cfg.output_dir) / "results.json").read_text())
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path: Path) -> Config:
     return tiny_config(tmp_path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +10,8 @@ from flwr.clientapp import ClientApp
 
 from feddistill import keys
 from feddistill.client import app as real_client
-from feddistill.server.app import make_server_app
-from feddistill.simulation.engine import backend_config, offline_environment
 from feddistill.wire import payload_record
-from tests.conftest import tiny_config
+from tests.conftest import simulate_with, tiny_config
 
 garbage_app = ClientApp()
 
@@ -35,9 +31,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def test_round_completes_without_the_garbage_client(tmp_path: Path) -> None:
-    offline_environment()
-    from flwr.simulation import run_simulation
-
     cfg = tiny_config(
         tmp_path,
         **{
@@ -46,15 +39,7 @@ def test_round_completes_without_the_garbage_client(tmp_path: Path) -> None:
             "server.local-only": "off",
         },
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=make_server_app(cfg.to_flat()),
-            client_app=garbage_app,
-            num_supernodes=cfg.data.num_clients,
-            backend_config=backend_config(1.0, 0.0, verbose=False),
-        )
-    results = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    results = simulate_with(cfg, garbage_app)
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     for r in results["rounds"]:
         assert r["replies"] == 2 and r["failures"] == 1

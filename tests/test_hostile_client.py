@@ -8,8 +8,6 @@ capped; the huge update is rejected by the norm bound.
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +20,8 @@ from feddistill import keys
 from feddistill.client import app as real_client
 from feddistill.client.work import load_initial
 from feddistill.codec import encode, parse_spec
-from feddistill.server.app import make_server_app
-from feddistill.simulation.engine import backend_config, offline_environment
 from feddistill.wire import payload_record
-from tests.conftest import tiny_config
+from tests.conftest import simulate_with, tiny_config
 
 hostile_app = ClientApp()
 
@@ -57,9 +53,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @pytest.mark.slow
 def test_rounds_complete_and_the_model_stays_finite(tmp_path: Path) -> None:
-    offline_environment()
-    from flwr.simulation import run_simulation
-
     cfg = tiny_config(
         tmp_path,
         **{
@@ -69,15 +62,7 @@ def test_rounds_complete_and_the_model_stays_finite(tmp_path: Path) -> None:
             "server.round-timeout": 900.0,  # round 1 fine-tunes teachers; this machine is shared
         },
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=make_server_app(cfg.to_flat()),
-            client_app=hostile_app,
-            num_supernodes=cfg.data.num_clients,
-            backend_config=backend_config(1.0, 0.0, verbose=False),
-        )
-    results = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    results = simulate_with(cfg, hostile_app)
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     for r in results["rounds"]:
         (reason,) = r["failure_reasons"]

@@ -447,17 +447,10 @@ def test_doc_commands_print_what_the_doc_shows(capsys) -> None:
 def test_simulated_rounds_short_of_replies_keep_the_global(tmp_path: Path) -> None:
     """Through Flower's simulation engine: FedMedian over 3 clients, one sending garbage every
     round; each round has 2 valid replies, is skipped and says so, and the model never moves."""
-    import json
-    import warnings
 
-    from flwr.simulation import run_simulation
-
-    from feddistill.server.app import make_server_app
-    from feddistill.simulation.engine import backend_config, offline_environment
-    from tests.conftest import tiny_config
+    from tests.conftest import simulate_with, tiny_config
     from tests.test_garbage_client import garbage_app
 
-    offline_environment()
     cfg = tiny_config(
         tmp_path,
         **{
@@ -466,15 +459,7 @@ def test_simulated_rounds_short_of_replies_keep_the_global(tmp_path: Path) -> No
             "server.local-only": "off",
         },
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=make_server_app(cfg.to_flat()),
-            client_app=garbage_app,
-            num_supernodes=cfg.data.num_clients,
-            backend_config=backend_config(1.0, 0.0, verbose=False),
-        )
-    results = json.loads((Path(cfg.output_dir) / "results.json").read_text())
+    results = simulate_with(cfg, garbage_app)
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     for r in results["rounds"]:
         assert r["replies"] == 2 and r["failures"] == 1
