@@ -214,3 +214,20 @@ def test_shared_cache_keeps_teachers_but_not_residuals_between_scenarios(tmp_pat
     assert dropped == 1
     assert state.load_residual([("w", (2,))], before_round=5, run="ab") == {}
     assert state.load_teacher("k") is not None
+
+
+def test_prepare_data_labels_match_what_runs_read_back(tmp_path: Path) -> None:
+    # The embedded corpus names its classes world,sports,business,science; written to CSV and
+    # read back by a run, string labels get the loader's own (sorted) ids. The bench scores
+    # its models on its own rows, so those must carry the ids the runs trained with.
+    from feddistill.bench.run import prepare_data
+    from feddistill.data import load_text_dataset
+
+    setting = BenchSetting(out=tmp_path, train="embedded", train_rows=200, test_rows=120)
+
+    data = prepare_data(setting)
+
+    for split, path in (("train", "train"), ("test", "test")):
+        back = load_text_dataset(data["paths"][path], split="train")
+        assert list(back.label_names) == list(data["labels"])
+        assert list(back.dataset["label"]) == list(data[split].labels)

@@ -83,6 +83,21 @@ def _write_csv(path: Path, split: TextSplit, names: list[str]) -> None:
             w.writerow([text, names[label]])
 
 
+def _in_read_back_order(
+    train_csv: Path, names: list[str], *splits: TextSplit
+) -> tuple[Any, ...]:
+    """``names`` in the order a run reading ``train_csv`` assigns ids, and ``splits`` relabelled
+    to it."""
+    from feddistill.data import load_text_dataset
+
+    read_back = list(load_text_dataset(str(train_csv), split="train").label_names)
+    if sorted(read_back) != sorted(names):
+        raise ValueError(f"{train_csv}: read back labels {read_back}, wrote {names}")
+    new_id = [read_back.index(name) for name in names]
+    relabelled = [TextSplit(s.texts, [new_id[y] for y in s.labels]) for s in splits]
+    return (read_back, *relabelled)
+
+
 def prepare_data(setting: BenchSetting) -> dict[str, Any]:
     """Sample the subsets, write them under ``out/data`` and return their paths and sizes."""
     train_all, test_all, names = _read(setting)
@@ -105,6 +120,10 @@ def prepare_data(setting: BenchSetting) -> dict[str, Any]:
     _write_csv(paths["train"], train, names)
     _write_csv(paths["eval"], evalset, names)
     _write_csv(paths["test"], final, names)
+    # The runs read these CSVs back, and a loader gives string labels its own id order (the
+    # embedded corpus's world,sports,... comes back sorted): score the bench's own rows in
+    # the ids the runs' models were trained with, or every accuracy here is of permuted labels.
+    names, train, final = _in_read_back_order(paths["train"], names, train, final)
     return {
         "labels": names,
         "paths": {k: str(v) for k, v in paths.items()},
