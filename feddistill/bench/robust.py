@@ -204,9 +204,7 @@ def cells(setting: RobustSetting) -> list[Cell]:
         return out
     out = [Cell(agg, NO_ATTACK, 0.0) for agg in setting.aggregators]
     if DEFAULT in setting.aggregators and TARGET_FRACTION in setting.fractions:
-        out += [
-            Cell(DEFAULT, a, TARGET_FRACTION) for a in setting.attacks if a in TARGET_ATTACKS
-        ]
+        out += [Cell(DEFAULT, a, TARGET_FRACTION) for a in setting.attacks if a in TARGET_ATTACKS]
     if "sign-flip" in setting.attacks and SIGN_FLIP_FRACTION in setting.fractions:
         out += [
             Cell(agg, "sign-flip", SIGN_FLIP_FRACTION)

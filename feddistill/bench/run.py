@@ -83,9 +83,7 @@ def _write_csv(path: Path, split: TextSplit, names: list[str]) -> None:
             w.writerow([text, names[label]])
 
 
-def _in_read_back_order(
-    train_csv: Path, names: list[str], *splits: TextSplit
-) -> tuple[Any, ...]:
+def _in_read_back_order(train_csv: Path, names: list[str], *splits: TextSplit) -> tuple[Any, ...]:
     """``names`` in the order a run reading ``train_csv`` assigns ids, and ``splits`` relabelled
     to it."""
     from feddistill.data import load_text_dataset
