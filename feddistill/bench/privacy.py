@@ -27,17 +27,26 @@ COMPRESSED = "topk:0.01+q4+ef"
 UPLINKS = (COMPRESSED, "none")
 
 
-def base_config(clients: int, per_round: int, rounds: int, out: Path) -> dict[str, Any]:
+def base_config(
+    clients: int, per_round: int, rounds: int, out: Path, cache: Path | None = None
+) -> dict[str, Any]:
     """The flat run config every point shares: ``bench-scale``'s runs (same work per round
     for any number of clients), with ``per_round`` clients, uniform weighting (privacy refuses
-    examples-weighting) and a larger test set for the accuracy curve."""
-    return {
+    examples-weighting) and a larger test set for the accuracy curve.
+
+    ``cache``: one cache folder for every point, so each client's teacher is fine-tuned once
+    for the whole bench (the points differ in privacy and uplink only, neither of which is in
+    the teacher's cache key); residuals are keyed by run, so points never share those."""
+    flat = {
         **scale_config(clients, rounds, out),
         "data.num-test": 500,
         "server.clients-per-round": float(per_round),
         "server.evaluate-clients": float(min(per_round, 10)),
         "server.weighting": "uniform",
     }
+    if cache is not None:
+        flat["cache-dir"] = str(cache)
+    return flat
 
 
 def points(epsilons: list[float], clip: float, delta: float) -> list[tuple[str, dict[str, Any]]]:
@@ -77,7 +86,7 @@ def run_privacy_bench(
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, overrides in points(epsilons, clip, delta):
-        flat = {**base_config(clients, per_round, rounds, out / name), **overrides}
+        flat = {**base_config(clients, per_round, rounds, out / name, out / "cache"), **overrides}
         cfg = parse_config(flat)
         t0 = time.time()
         results = simulate(cfg)
