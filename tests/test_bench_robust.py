@@ -92,6 +92,8 @@ def test_targets_pass_and_fail_from_measured_cells() -> None:
         _entry("default", "sign-flip", 0.2, 0.78),
         _entry("default", "scale-x1e6", 0.2, None, crashed=True, finite=None),
         _entry("fedmedian", "sign-flip", 0.3, 0.74),
+        _entry("krum", NO_ATTACK, 0.0, 0.79),
+        _entry("krum", "sign-flip", 0.3, 0.77),
     ]
     got = {t["target"]: t["pass"] for t in robust.check_targets(entries)}
     assert got["0%: every aggregator within 2 points of FedAvg"] is False
@@ -101,6 +103,11 @@ def test_targets_pass_and_fail_from_measured_cells() -> None:
     assert got["30% sign flip: some aggregator within 3 points"] is True
     assert got["0 server crashes"] is False
     assert got["0 non-finite global models"] is True
+    # FedMedian held its own 0% (0.75 -> 0.74), but that 0% is 5 points below FedAvg's: a rule
+    # that learns less cannot count as the one that resists (one at chance loses nothing)
+    no_krum = [e for e in entries if e["aggregator"] != "krum"]
+    got = {t["target"]: t["pass"] for t in robust.check_targets(no_krum)}
+    assert got["30% sign flip: some aggregator within 3 points"] is False
 
 
 def test_table_and_heatmap_show_crashes_and_non_finite(tmp_path: Path) -> None:

@@ -445,10 +445,20 @@ def check_targets(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not flips:
         add("30% sign flip: some aggregator within 3 points", None, "no 30% sign-flip cell")
     else:
+        # A rule that learns nothing at 0% cannot lose 3 points to an attack: it holds only if
+        # its own 0% is within the first target's 2 points of FedAvg's.
+        def learns(b: float | None) -> bool:
+            return b is not None and (base is None or base - b <= 0.02)
+
         held = [
-            a for a, (v, b) in flips.items() if v is not None and b is not None and b - v <= 0.03
+            a
+            for a, (v, b) in flips.items()
+            if v is not None and b is not None and b - v <= 0.03 and learns(b)
         ]
-        detail = ", ".join(f"{a} {_pct(v)} (0%: {_pct(b)})" for a, (v, b) in flips.items())
+        detail = ", ".join(
+            f"{a} {_pct(v)} (0%: {_pct(b)}{'' if learns(b) else ', below FedAvg 0%'})"
+            for a, (v, b) in flips.items()
+        )
         add("30% sign flip: some aggregator within 3 points", bool(held), detail)
     crashed = [e["name"] for e in entries if e["crashed"]]
     add("0 server crashes", not crashed, ", ".join(crashed) or f"{len(entries)} cells")
