@@ -136,6 +136,33 @@ def test_table_and_heatmap_show_crashes_and_non_finite(tmp_path: Path) -> None:
     assert (tmp_path / "bench-robust.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_table_lists_only_the_attacks_each_aggregator_met() -> None:
+    entries = [
+        _entry("default", NO_ATTACK, 0.0, 0.8),
+        _entry("default", "noise", 0.2, 0.7),
+        _entry("krum", NO_ATTACK, 0.0, 0.6),
+        _entry("krum", "sign-flip", 0.3, 0.5),
+        _entry("fedavg", NO_ATTACK, 0.0, 0.75),
+    ]
+    bench = {
+        "setting": {
+            "rows": {"test": 10},
+            "num_clients": 4,
+            "clients_per_round": 4,
+            "rounds": 1,
+            "teacher": "builtin:micro",
+            "date": "today",
+        },
+        "cells": entries,
+    }
+    rows = [line for line in robust.format_table(bench).splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[:2] for r in rows[1:]] == [
+        ["| default", "noise"],
+        ["| krum", "sign-flip"],
+        ["| fedavg", "none"],
+    ]
+
+
 @pytest.mark.slow
 def test_tiny_bench_robust_writes_outputs_and_records_a_crashed_cell(tmp_path: Path) -> None:
     # Prepare: 2 aggregators x 1 attack x 2 fractions on 4 tiny clients, 1 round; one cell's

@@ -498,7 +498,9 @@ def format_table(bench: dict[str, Any]) -> str:
     attacks = list(dict.fromkeys(e["attack"] for e in bench["cells"] if e["attack"] != NO_ATTACK))
     for agg in aggs:
         base = show(_find(bench["cells"], agg, NO_ATTACK, 0.0))
-        for attack in attacks or [NO_ATTACK]:
+        # only the attacks this aggregator met (the default matrix runs few per aggregator)
+        met = [a for a in attacks if any(_find(bench["cells"], agg, a, f) for f in fracs)]
+        for attack in met or [NO_ATTACK]:
             row = [show(_find(bench["cells"], agg, attack, f)) for f in fracs]
             lines.append(f"| {agg} | {attack} | {base} | " + " | ".join(row) + " |")
     lines.append("")
