@@ -155,7 +155,9 @@ def _name(obj: Any) -> str:
 def check_dispatcher() -> None:
     add = _require_attr(DISPATCHER, vce_api, "add_messages_to_queue")
     _require_params(DISPATCHER, add, ("state", "queue", "nodes_mapping", "f_stop"))
-    _require_global(DISPATCHER, _require_attr(DISPATCHER, vce_api, "run_api"), add.__name__)
+    _require_global(
+        DISPATCHER, _require_attr(DISPATCHER, vce_api, "run_api"), "add_messages_to_queue"
+    )
     _require_instance_attrs(DISPATCHER, InMemoryLinkState, ("lock", "message_ins_store"))
     get = _require_attr(DISPATCHER, InMemoryLinkState, "get_message_ins")
     _require_params(DISPATCHER, get, ("node_id", "limit"))
