@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from feddistill import keys
 from feddistill.codec import PayloadError
@@ -48,7 +47,21 @@ def message_bytes(msg: Message) -> int:
     Arrays, array chunks); the sum of their deflated sizes is what crosses the wire, apart from
     transport framing (gRPC/HTTP), which is the same for any payload.
     """
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg.content).values())
+    return sum(len(obj.deflate()) for obj in nested_objects(msg.content).values())
+
+
+def nested_objects(obj: Any) -> dict[str, Any]:
+    """``obj`` and every object nested in it, by object id (an object shipped once per id).
+
+    Flower's ``get_all_nested_objects`` (in ``flwr.supercore``, outside the public API), walked
+    through the ``children`` and ``object_id`` that ``flwr.app``'s records document;
+    tests/test_flower_compat.py keeps the two equal.
+    """
+    found: dict[str, Any] = {}
+    for child in (obj.children or {}).values():
+        found.update(nested_objects(child))
+    found[obj.object_id] = obj
+    return found
 
 
 def server_config(

@@ -8,16 +8,15 @@ strategy wrapper records for runs that do happen.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from feddistill import keys
+from feddistill.flower_compat import lent_task_identity
 from feddistill.wire import message_bytes
 
 
@@ -47,7 +46,7 @@ def dense_exchange_bytes(
     record = ArrayRecord(
         {n: Array(np.ascontiguousarray(a, dtype=np.float32)) for n, a in arrays.items()}
     )
-    with _outside_runtime():
+    with lent_task_identity():  # Message() needs one; it is not counted
         down, up = _round_trip(record, config, arrays)
     return DenseCost(
         parameters=int(sum(a.size for a in arrays.values())),
@@ -75,21 +74,6 @@ def _round_trip(
         message_type="train",
     )
     return down, up
-
-
-@contextlib.contextmanager
-def _outside_runtime() -> Iterator[None]:
-    """Messages need a task identity, which only a Flower runtime sets; lend one if unset.
-
-    The ids end up in the message metadata, which :func:`message_bytes` does not count.
-    """
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    if saved[0] is None:
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def trainable_arrays(model: object) -> dict[str, np.ndarray]:

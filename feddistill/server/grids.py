@@ -12,9 +12,10 @@ import random
 from collections.abc import Iterable, Iterator
 
 from flwr.app import Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from feddistill import flower_compat
+from feddistill.flower_compat import NodeInfo, Run
 
 # Node id -> partition id of the virtual nodes of a simulation running in this process (filled by
 # ``feddistill.simulation.engine``): simulated node ids are random per process, partition ids are
@@ -32,14 +33,8 @@ SAMPLER = random.Random()
 @contextlib.contextmanager
 def private_sampling() -> Iterator[random.Random]:
     """Point Flower's client sampling (``strategy_utils.random``) at :data:`SAMPLER`."""
-    from flwr.serverapp.strategy import strategy_utils
-
-    original = strategy_utils.random
-    strategy_utils.random = SAMPLER  # type: ignore[assignment]
-    try:
+    with flower_compat.sampling_with(SAMPLER):
         yield SAMPLER
-    finally:
-        strategy_utils.random = original
 
 
 def node_order(node_ids: Iterable[int]) -> list[int]:

@@ -3,10 +3,13 @@
 ``strategy.start`` blocks inside ``grid.send_and_receive`` for a whole training (or evaluation)
 phase, so the only place that can tell "7 of 10 clients done" is the Grid. :class:`WatchedGrid`
 delegates every Grid method to the real grid and re-implements ``send_and_receive`` with the very
-loop of Flower 1.41's ``InMemoryGrid``/``HttpGrid`` (push, then pull every ``pull_interval``
+loop of Flower's ``InMemoryGrid``/``HttpGrid`` (push, then pull every ``pull_interval``
 until every reply arrived or ``timeout`` ran out: the same timeout semantics), reporting each
 pulled batch to a :class:`RoundWatch`; only the in-memory grid is polled more often (20 ms).
-The round loop itself stays Flower's.
+The loop calls only the public ``Grid.push_messages``/``pull_messages``; which Grid class it
+faces and how long that class waits between pulls come from :mod:`feddistill.flower_compat`,
+which checks at import that Flower's loops still wait that way. For any other Grid, Flower's own
+``send_and_receive`` runs. The round loop itself stays Flower's.
 
 :class:`RoundWatch` keeps the per-round facts the run record wants (each training reply's
 ``state-bytes``) and, when asked, draws progress: round i of N, clients done, ETA, on one
@@ -24,15 +27,13 @@ from typing import TextIO
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.superlink.grid import HttpGrid, InMemoryGrid
 
-from feddistill import keys
+from feddistill import flower_compat, keys
 from feddistill.server.grids import DelegatingGrid
 
 # The simulation's InMemoryGrid polls every 0.1 s (its constructor's default); a pull there is a
 # dictionary lookup, and a shorter wait takes up to 0.1 s off each phase of every round.
 IN_MEMORY_PULL_INTERVAL = 0.02
-_HTTP_PULL_INTERVAL = 3.0  # HttpGrid.send_and_receive sleeps a fixed 3 s between pulls (1.41)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -168,10 +169,10 @@ class WatchedGrid(DelegatingGrid):
         self.watch = watch
 
     def _pull_interval(self) -> float | None:
-        if isinstance(self.inner, InMemoryGrid):
-            return min(float(self.inner.pull_interval), IN_MEMORY_PULL_INTERVAL)
-        if isinstance(self.inner, HttpGrid):
-            return _HTTP_PULL_INTERVAL
+        if flower_compat.is_in_memory_grid(self.inner):
+            return min(flower_compat.in_memory_pull_interval(self.inner), IN_MEMORY_PULL_INTERVAL)
+        if flower_compat.is_http_grid(self.inner):
+            return flower_compat.HTTP_GRID_PULL_INTERVAL
         return None  # a grid we do not know the loop of: let it run its own
 
     def send_and_receive(
@@ -185,7 +186,7 @@ class WatchedGrid(DelegatingGrid):
                 replies = list(self.inner.send_and_receive(messages, timeout=timeout))
                 self.watch.replies(replies)
                 return replies
-            # Flower 1.41's loop, unchanged but for the report after each pull.
+            # Flower's loop (1.42), unchanged but for the report after each pull.
             msg_ids = set(self.push_messages(messages))
             del messages
             end_time = time.time() + (timeout if timeout is not None else 0.0)

@@ -22,11 +22,9 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from queue import Queue
 from typing import Any
 
 from feddistill.config import Config
@@ -128,65 +126,35 @@ def dispatch_to_addressed_nodes() -> Iterator[None]:
 
     Flower 1.41's ``vce_api.add_messages_to_queue`` calls ``state.get_message_ins(node_id,
     limit=1)`` for every registered node every 0.1 s (see the module docstring for its cost).
-    The replacement makes those same calls for only the nodes that have an undelivered message
-    in the in-memory link state, every ``DISPATCH_PERIOD``; for any other state class it runs
-    Flower's loop. Restored on exit.
+    The replacement (:func:`feddistill.flower_compat.addressed_dispatcher`) makes those same
+    calls for only the nodes that have an undelivered message in the in-memory link state, every
+    ``DISPATCH_PERIOD``; for any other state class it runs Flower's loop. Restored on exit.
     """
-    from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from feddistill import flower_compat
 
-    original: Callable[..., None] = vce_api.add_messages_to_queue
-
-    def add_addressed_messages_to_queue(
-        state: Any, queue: Queue, nodes_mapping: dict[int, int], f_stop: threading.Event
-    ) -> None:
-        if not isinstance(state, InMemoryLinkState):
-            original(state, queue, nodes_mapping, f_stop)
-            return
-        while not f_stop.is_set():
-            with state.lock:
-                addressed = {
-                    msg.metadata.dst_node_id
-                    for msg in state.message_ins_store.values()
-                    if msg.metadata.delivered_at == ""
-                }
-            for node_id in sorted(addressed):
-                if node_id in nodes_mapping:
-                    for msg in state.get_message_ins(node_id=node_id, limit=1):
-                        queue.put(msg)
-            f_stop.wait(DISPATCH_PERIOD)
-
-    vce_api.add_messages_to_queue = add_addressed_messages_to_queue
-    try:
+    with flower_compat.addressed_dispatcher(DISPATCH_PERIOD):
         yield
-    finally:
-        vce_api.add_messages_to_queue = original
 
 
 @contextlib.contextmanager
 def record_partitions() -> Iterator[None]:
     """Publish the simulation's node id -> partition id mapping to the server in this process.
 
-    Wraps ``vce_api._register_nodes`` (which creates the virtual nodes with random ids) so that
-    :func:`feddistill.server.grids.node_order` can order nodes by partition. Restored on exit.
+    Flower creates the virtual nodes with random ids (``vce_api._register_nodes``, wrapped by
+    :func:`feddistill.flower_compat.on_nodes_registered`); the mapping lets
+    :func:`feddistill.server.grids.node_order` order nodes by partition. Cleared on exit.
     """
-    from flwr.server.superlink.fleet.vce import vce_api
-
+    from feddistill import flower_compat
     from feddistill.server.grids import SIMULATED_PARTITIONS
 
-    original: Callable[..., dict[int, int]] = vce_api._register_nodes
-
-    def register_nodes(*args: Any, **kwargs: Any) -> dict[int, int]:
-        mapping = original(*args, **kwargs)
+    def publish(mapping: dict[int, int]) -> None:
         SIMULATED_PARTITIONS.clear()
         SIMULATED_PARTITIONS.update(mapping)
-        return mapping
 
-    vce_api._register_nodes = register_nodes
     try:
-        yield
+        with flower_compat.on_nodes_registered(publish):
+            yield
     finally:
-        vce_api._register_nodes = original
         SIMULATED_PARTITIONS.clear()
 
 
