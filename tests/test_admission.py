@@ -20,7 +20,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Strategy
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -392,6 +392,63 @@ def test_inner_strategy_raising_fails_the_round_not_the_server(tmp_path) -> None
     record = RunRecord(out_dir=tmp_path, config={}, header={})
     entry = record.add_round(1, 1, 0.5, 1.0, stats, 1.0, 144)
     assert entry["aggregation_errors"] == stats.aggregation_errors and entry["replies"] == 4
+
+
+def _state(strategy: Strategy) -> dict[str, list[np.ndarray]]:
+    from feddistill.strategies.state import strategy_state_dict
+
+    out = {}
+    for name, value in strategy_state_dict(strategy).items():
+        if isinstance(value, ArrayRecord):
+            value = value.to_numpy_ndarrays()
+        out[name] = [np.array(v) for v in value] if value is not None else []
+    return out
+
+
+class _Diverging(FedAvgM):
+    """FedAvgM whose step in rounds >= 2 is ruined after it has moved its own state: it
+    either returns an infinite model (``mode = "inf"``) or raises (``"raise"``)."""
+
+    mode = "inf"
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if server_round < 2:
+            return arrays, metrics
+        self.momentum_vector = [np.full_like(m, np.inf) for m in self.momentum_vector]
+        if self.mode == "raise":
+            raise FloatingPointError("step overflowed")
+        return ArrayRecord(
+            {k: Array(np.full_like(v.numpy(), np.inf)) for k, v in arrays.items()}
+        ), metrics
+
+
+@pytest.mark.parametrize("mode", ["inf", "raise"])
+def test_a_failed_step_leaves_the_inner_optimizer_as_it_was(monkeypatch, mode: str) -> None:
+    # Prepare: a declared-stateful inner strategy; round 1 is a normal momentum step
+    from feddistill.strategies import state
+
+    monkeypatch.setitem(state.FLOWER_STATE, _Diverging, ("current_arrays", "momentum_vector"))
+    inner = _Diverging(server_momentum=0.9)
+    inner.mode = mode
+    wrapper = _wrapper(inner)
+    assert wrapper._global is not None
+    inner.current_arrays = ArrayRecord({n: Array(a.copy()) for n, a in wrapper._global.items()})
+    assert wrapper.aggregate_train(1, _honest(seed=1)[0])[0] is not None
+    before = _state(inner)
+
+    # Execute
+    got, _ = wrapper.aggregate_train(2, _honest(seed=2)[0])
+
+    # Assert: the round failed and FedAvgM's weights and momentum are those after round 1,
+    # so round 3 steps from there instead of from an infinite momentum
+    assert got is None and len(wrapper.traffic[2].aggregation_errors) == 1
+    after = _state(inner)
+    assert before.keys() == after.keys() == {"current_arrays", "momentum_vector"}
+    for name in before:
+        for a, b in zip(before[name], after[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert all(np.isfinite(m).all() for m in inner.momentum_vector)
 
 
 # -- evaluation replies ----------------------------------------------------------------------------

@@ -63,7 +63,11 @@ from feddistill.strategies.admission import (
     update_norm,
 )
 from feddistill.strategies.private import CentralPrivacy
-from feddistill.strategies.state import load_strategy_state_dict, strategy_state_dict
+from feddistill.strategies.state import (
+    UndeclaredStateError,
+    load_strategy_state_dict,
+    strategy_state_dict,
+)
 from feddistill.wire import message_bytes, payload_record
 
 log = logging.getLogger("feddistill.server")
@@ -399,6 +403,22 @@ class CompressedStrategy(Strategy):
         c.msg.content = content
         return c.msg
 
+    def _inner_state(self) -> dict[str, Any] | None:
+        """The inner strategy's state before it aggregates, to put back if the round fails.
+
+        A failed round keeps the global; it must keep the optimizer too, or FedAvgM's momentum
+        or FedAdam's moments would carry the failed round's (possibly non-finite) step into
+        every later round. ``None`` for a strategy that declares no state (nothing to restore).
+        """
+        try:
+            return strategy_state_dict(self.inner)
+        except UndeclaredStateError:
+            return None
+
+    def _restore_inner(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            load_strategy_state_dict(self.inner, state)
+
     def _guarded(
         self, server_round: int, stats: RoundTraffic, phase: str, call: Callable[[], _T]
     ) -> _T | None:
@@ -478,16 +498,19 @@ class CompressedStrategy(Strategy):
             valid = self.privacy.privatize(
                 server_round, valid, self._global, self.names, self.inner_key
             )
+        before = self._inner_state()
         result = self._guarded(
             server_round, stats, "train", lambda: self.inner.aggregate_train(server_round, valid)
         )
         if result is None:
+            self._restore_inner(before)
             return None, None
         arrays, metrics = result
         if arrays is not None and not all_finite({n: arrays[n].numpy() for n in self.names}):
             reason = f"train aggregation in {type(self.inner).__name__} gave a non-finite model"
             stats.aggregation_errors.append(reason)
             log.error("round %d: %s; global unchanged", server_round, reason)
+            self._restore_inner(before)
             return None, None
         if metrics is not None:
             stats.train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
