@@ -396,7 +396,7 @@ def test_the_adaptive_clip_survives_a_checkpoint(tmp_path: Path) -> None:
 def test_bench_privacy_runs_each_uplink_without_privacy_then_at_each_epsilon(
     tmp_path: Path,
 ) -> None:
-    from feddistill.bench.privacy import COMPRESSED, base_config, points
+    from feddistill.bench.privacy import COMPRESSED, Shape, base_config, points
     from feddistill.config import parse_config
 
     runs = points([2.0, 8.0], clip=0.5, delta=1e-5)
@@ -410,7 +410,7 @@ def test_bench_privacy_runs_each_uplink_without_privacy_then_at_each_epsilon(
         "dense-eps8",
     ]
     for name, overrides in runs:  # every point is a valid config of the 1,000-client shape
-        cfg = parse_config({**base_config(1000, 50, 30, tmp_path / name), **overrides})
+        cfg = parse_config({**base_config(Shape(), tmp_path / name), **overrides})
         assert cfg.privacy.enabled == ("eps" in name)
         assert cfg.compression.uplink == (COMPRESSED if name.startswith("compressed") else "none")
 

@@ -7,16 +7,19 @@ point differs from the private ones only by clipping and noise. Each run goes th
 Flower's simulation engine in this process (:func:`feddistill.simulation.engine.simulate`).
 Writes ``privacy-bench.json`` and ``privacy-bench.md`` into ``--out``.
 
-Default shape (issue 17): the embedded corpus over 1,000 iid clients (10 examples each), 50
-per round, the tiny ``builtin:micro`` model, delta 1e-5. ``--quick``: 10 clients, 5 per round,
-2 rounds, one epsilon: a smoke run of the command, not a measurement.
+Default shape (:class:`Shape`, issue 17): the embedded corpus over 1,000 iid clients (40
+examples each), 50 per round, 25 rounds, the embedded default's tiny models, epsilons 2, 4
+and 8 at delta 1e-5: 8 runs. ``--quick``: 10 clients, 5 per round, 2 rounds, one epsilon: a
+smoke run of the command, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +30,48 @@ COMPRESSED = "topk:0.01+q4+ef"
 UPLINKS = (COMPRESSED, "none")
 
 
-def base_config(
-    clients: int, per_round: int, rounds: int, out: Path, cache: Path | None = None
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Shape:
+    """The federation every point runs (``privacy-bench.json`` records it).
+
+    Why these values (measured 2026-12-02, docs/privacy.md): ``bench-scale``'s micro model
+    with 10 examples a client stayed at chance; with the embedded default's tiny model, 40
+    examples a client and its recipe (lr 1e-3, 2 local epochs) a dense non-private run was
+    still at chance after 8 rounds of 50 clients. A client's update there is 10 optimizer
+    steps, and averaging 50 of them moves the model about as far as one; with lr 1e-2 and 5
+    local epochs (25 steps) it left chance at round 11. Teachers get 3 epochs, not 6: the KD
+    term weighs 0.2, and 1,000 teachers to fine-tune are most of the first runs' time.
+    """
+
+    clients: int = 1000
+    per_round: int = 50
+    rounds: int = 25
+    examples_per_client: int = 40
+    lr: float = 0.01
+    local_epochs: int = 5
+    teacher_epochs: int = 3
+
+
+def base_config(shape: Shape, out: Path, cache: Path | None = None) -> dict[str, Any]:
     """The flat run config every point shares: ``bench-scale``'s runs (same work per round
-    for any number of clients), with ``per_round`` clients, uniform weighting (privacy refuses
-    examples-weighting) and a larger test set for the accuracy curve.
+    for any number of clients) with the embedded default's models, ``shape``'s clients and
+    recipe, uniform weighting (privacy refuses examples-weighting) and a larger test set.
 
     ``cache``: one cache folder for every point, so each client's teacher is fine-tuned once
     for the whole bench (the points differ in privacy and uplink only, neither of which is in
     the teacher's cache key); residuals are keyed by run, so points never share those."""
     flat = {
-        **scale_config(clients, rounds, out),
+        **scale_config(shape.clients, shape.rounds, out),
+        "data.num-examples": shape.examples_per_client * shape.clients,
         "data.num-test": 500,
-        "server.clients-per-round": float(per_round),
-        "server.evaluate-clients": float(min(per_round, 10)),
+        "data.max-length": 32,
+        "model.teacher": "builtin:tiny",
+        "model.student-layers": 2,
+        "teacher.epochs": shape.teacher_epochs,
+        "train.lr": shape.lr,
+        "train.local-epochs": shape.local_epochs,
+        "server.clients-per-round": float(shape.per_round),
+        "server.evaluate-clients": float(min(shape.per_round, 10)),
         "server.weighting": "uniform",
     }
     if cache is not None:
@@ -73,10 +103,8 @@ def points(epsilons: list[float], clip: float, delta: float) -> list[tuple[str, 
 
 def run_privacy_bench(
     out: Path,
+    shape: Shape,
     *,
-    clients: int,
-    per_round: int,
-    rounds: int,
     epsilons: list[float],
     clip: float,
     delta: float,
@@ -86,7 +114,7 @@ def run_privacy_bench(
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, overrides in points(epsilons, clip, delta):
-        flat = {**base_config(clients, per_round, rounds, out / name, out / "cache"), **overrides}
+        flat = {**base_config(shape, out / name, out / "cache"), **overrides}
         cfg = parse_config(flat)
         t0 = time.time()
         results = simulate(cfg)
@@ -133,30 +161,36 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
+    d = Shape()
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="smoke run (10 clients, 2 rounds)")
-    p.add_argument("--clients", type=int, default=1000)
-    p.add_argument("--per-round", type=int, default=50)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--epsilons", default="1,2,4,8", help="comma-separated target epsilons")
+    p.add_argument("--clients", type=int, default=d.clients)
+    p.add_argument("--per-round", type=int, default=d.per_round)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--examples-per-client", type=int, default=d.examples_per_client)
+    p.add_argument("--lr", type=float, default=d.lr, help="train.lr of every client")
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs)
+    p.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs)
+    p.add_argument("--epsilons", default="2,4,8", help="comma-separated target epsilons")
     p.add_argument("--clip", type=float, default=0.5, help="privacy.clip")
     p.add_argument("--delta", type=float, default=1e-5, help="privacy.delta")
 
 
 def run_command(args: argparse.Namespace) -> int:
-    clients, per_round, rounds = args.clients, args.per_round, args.rounds
+    shape = Shape(
+        clients=args.clients,
+        per_round=args.per_round,
+        rounds=args.rounds,
+        examples_per_client=args.examples_per_client,
+        lr=args.lr,
+        local_epochs=args.local_epochs,
+        teacher_epochs=args.teacher_epochs,
+    )
     epsilons = [float(x) for x in args.epsilons.split(",") if x.strip()]
     delta = args.delta
     if args.quick:
-        clients, per_round, rounds, epsilons, delta = 10, 5, 2, epsilons[-1:], 0.0
-    rows = run_privacy_bench(
-        Path(args.out),
-        clients=clients,
-        per_round=per_round,
-        rounds=rounds,
-        epsilons=epsilons,
-        clip=args.clip,
-        delta=delta,
-    )
+        shape = dataclasses.replace(shape, clients=10, per_round=5, rounds=2, teacher_epochs=1)
+        epsilons, delta = epsilons[-1:], 0.0
+    rows = run_privacy_bench(Path(args.out), shape, epsilons=epsilons, clip=args.clip, delta=delta)
     print(format_table(rows))
     return 0
