@@ -8,8 +8,9 @@ Flower's simulation engine in this process (:func:`feddistill.simulation.engine.
 Writes ``privacy-bench.json`` and ``privacy-bench.md`` into ``--out``.
 
 Default shape (:class:`Shape`, issue 17): the embedded corpus over 1,000 iid clients (40
-examples each), 50 per round, 25 rounds, the embedded default's tiny models, epsilons 2, 4
-and 8 at delta 1e-5: 8 runs. ``--quick``: 10 clients, 5 per round, 2 rounds, one epsilon: a
+examples each), 50 per round, 12 rounds, the embedded default's tiny models, clip 2 (about
+the median update norm of the non-private dense run in its later rounds), epsilons 2, 4 and
+8 at delta 1e-5: 8 runs. ``--quick``: 10 clients, 5 per round, 2 rounds, one epsilon: a
 smoke run of the command, not a measurement.
 """
 
@@ -35,20 +36,20 @@ class Shape:
     """The federation every point runs (``privacy-bench.json`` records it).
 
     Why these values (measured 2026-12-02, docs/privacy.md): ``bench-scale``'s micro model
-    with 10 examples a client stayed at chance; with the embedded default's tiny model, 40
-    examples a client and its recipe (lr 1e-3, 2 local epochs) a dense non-private run was
-    still at chance after 8 rounds of 50 clients. A client's update there is 10 optimizer
-    steps, and averaging 50 of them moves the model about as far as one; with lr 1e-2 and 5
-    local epochs (25 steps) it left chance at round 11. Teachers get 3 epochs, not 6: the KD
-    term weighs 0.2, and 1,000 teachers to fine-tune are most of the first runs' time.
+    with 10 examples a client stayed at chance; so did the embedded default's tiny models with
+    40 examples a client and the default recipe (2 local epochs: 10 optimizer steps, and
+    averaging 50 such updates moves the model about as far as one of them), dense, for 8
+    rounds of 50 clients. With 10 local epochs (50 steps) the same dense run reached 0.71 at
+    round 5, so 12 rounds are enough. Teachers get 3 epochs, not 6: the KD term weighs 0.2,
+    and 1,000 teachers to fine-tune would be a large part of the first points' time.
     """
 
     clients: int = 1000
     per_round: int = 50
-    rounds: int = 25
+    rounds: int = 12
     examples_per_client: int = 40
-    lr: float = 0.01
-    local_epochs: int = 5
+    lr: float = 1e-3
+    local_epochs: int = 10
     teacher_epochs: int = 3
 
 
@@ -172,7 +173,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-epochs", type=int, default=d.local_epochs)
     p.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs)
     p.add_argument("--epsilons", default="2,4,8", help="comma-separated target epsilons")
-    p.add_argument("--clip", type=float, default=0.5, help="privacy.clip")
+    p.add_argument("--clip", type=float, default=2.0, help="privacy.clip")
     p.add_argument("--delta", type=float, default=1e-5, help="privacy.delta")
 
 
