@@ -182,6 +182,7 @@ def test_tiny_bench_robust_writes_outputs_and_records_a_crashed_cell(tmp_path: P
         teacher_epochs=1,
         local_epochs=1,
         extra={"model.student-layers": 1},
+        matrix="full",
     )
     crash = Cell("fedmedian", "sign-flip", 0.5)
 
