@@ -110,13 +110,9 @@ def test_targets_pass_and_fail_from_measured_cells() -> None:
     assert got["30% sign flip: some aggregator within 3 points"] is False
 
 
-def test_table_and_heatmap_show_crashes_and_non_finite(tmp_path: Path) -> None:
-    entries = [
-        _entry("fedavg", NO_ATTACK, 0.0, 0.8),
-        _entry("fedavg", "sign-flip", 0.3, None, crashed=True, finite=None),
-        _entry("fedavg", "noise", 0.3, None),
-    ]
-    bench = {
+def _bench(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A bench-robust.json of ``entries`` with a tiny setting, for the table's tests."""
+    return {
         "setting": {
             "rows": {"test": 10},
             "num_clients": 4,
@@ -126,8 +122,17 @@ def test_table_and_heatmap_show_crashes_and_non_finite(tmp_path: Path) -> None:
             "date": "today",
         },
         "cells": entries,
-        "targets": robust.check_targets(entries),
     }
+
+
+def test_table_and_heatmap_show_crashes_and_non_finite(tmp_path: Path) -> None:
+    entries = [
+        _entry("fedavg", NO_ATTACK, 0.0, 0.8),
+        _entry("fedavg", "sign-flip", 0.3, None, crashed=True, finite=None),
+        _entry("fedavg", "noise", 0.3, None),
+    ]
+    bench = _bench(entries)
+    bench["targets"] = robust.check_targets(entries)
     robust.write_outputs(tmp_path, bench)
     table = (tmp_path / "bench-robust.md").read_text()
     assert "| fedavg | sign-flip | 80.00% (0/0/0) | CRASH |" in table
@@ -144,17 +149,7 @@ def test_table_lists_only_the_attacks_each_aggregator_met() -> None:
         _entry("krum", "sign-flip", 0.3, 0.5),
         _entry("fedavg", NO_ATTACK, 0.0, 0.75),
     ]
-    bench = {
-        "setting": {
-            "rows": {"test": 10},
-            "num_clients": 4,
-            "clients_per_round": 4,
-            "rounds": 1,
-            "teacher": "builtin:micro",
-            "date": "today",
-        },
-        "cells": entries,
-    }
+    bench = _bench(entries)
     rows = [line for line in robust.format_table(bench).splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[:2] for r in rows[1:]] == [
         ["| default", "noise"],
