@@ -27,6 +27,7 @@ from feddistill.codec import encode, parse_spec
 from feddistill.config import STRATEGIES, ConfigError, parse_config
 from feddistill.data import DataError
 from feddistill.server.checkpoint import (
+    RandomStates,
     ReproducibleGrid,
     ServerState,
     load_state,
@@ -61,6 +62,17 @@ def _reply(node: int, delta: dict[str, np.ndarray], n: int, request: Message | N
     payload = payload_record(encode(delta, parse_spec("none")).payload)
     metrics = MetricRecord({keys.NUM_EXAMPLES: n, "client-seconds": random.random()})
     return Message(RecordDict({keys.ARRAYS: payload, keys.METRICS: metrics}), reply_to=request)
+
+
+def _parts(strategy: CompressedStrategy, record: RunRecord) -> dict:
+    """The stateful parts a run names (feddistill.server.lifecycle.ServerRun), without a tail."""
+    return {"strategy": strategy, "record": record, "random": RandomStates()}
+
+
+def _resume(state: ServerState, cfg, strategy: CompressedStrategy, record: RunRecord) -> None:
+    """What ServerRun.resume_or_start does with a loaded state: restore, then offset rounds."""
+    restore(state, cfg, _parts(strategy, record))
+    strategy.round_offset = state.round
 
 
 def _wrapper(
@@ -110,7 +122,9 @@ def test_restored_strategy_continues_like_the_original(
     record = RunRecord(out_dir=tmp_path, config=parse_config({}).to_flat(), header={})
     global_now = {n: arrays[n].numpy() for n in arrays}
     SAMPLER.seed(7)
-    save_state(state_path(tmp_path), snapshot(2, global_now, original, record))
+    save_state(
+        state_path(tmp_path), snapshot(2, global_now, _parts(original, record), record.config)
+    )
     saved = original.state_dict()["inner"]
     assert all(v is not None for v in saved.values())  # FedAdam m_t, v_t, ... / FedAvgM ...
     expected_random = SAMPLER.random()
@@ -119,7 +133,7 @@ def test_restored_strategy_continues_like_the_original(
     state = load_state(state_path(tmp_path))
     assert state is not None and state.round == 2
     resumed = _wrapper(make_inner(), initial, downlink)
-    restore(state, parse_config({"resume": True}), resumed, record)
+    _resume(state, parse_config({"resume": True}), resumed, record)
     assert SAMPLER.random() == expected_random
     assert resumed.round_offset == 2
     restored_arrays = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
@@ -143,19 +157,19 @@ def test_restore_refuses_other_settings_and_fewer_rounds(tmp_path: Path) -> None
     cfg = parse_config({"rounds": 4})
     record = RunRecord(out_dir=tmp_path, config=cfg.to_flat(), header={})
     wrapper = _wrapper(FedAvg(), _arrays(rng))
-    state = snapshot(3, _arrays(rng), wrapper, record)
+    state = snapshot(3, _arrays(rng), _parts(wrapper, record), record.config)
     with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.01"):
-        restore(state, cfg.with_overrides({"train.lr": 0.01, "resume": True}), wrapper, record)
+        _resume(state, cfg.with_overrides({"train.lr": 0.01, "resume": True}), wrapper, record)
     with pytest.raises(ConfigError, match=r"rounds = 2: the saved run already completed 3"):
-        restore(state, cfg.with_overrides({"rounds": 2, "resume": True}), wrapper, record)
-    restore(state, cfg.with_overrides({"rounds": 9, "resume": True}), wrapper, record)  # more: ok
+        _resume(state, cfg.with_overrides({"rounds": 2, "resume": True}), wrapper, record)
+    _resume(state, cfg.with_overrides({"rounds": 9, "resume": True}), wrapper, record)  # more: ok
 
 
 def test_state_file_keeps_dtypes_and_is_replaced_atomically(tmp_path: Path) -> None:
     path = state_path(tmp_path)
     arrays = {"a": np.arange(3, dtype=np.float32), "b": np.ones((2, 2), dtype=np.float64)}
     for r in (1, 2):
-        save_state(path, ServerState(round=r, global_arrays=arrays, python_random=[3, [1], None]))
+        save_state(path, ServerState(round=r, global_arrays=arrays))
     state = load_state(path)
     assert state is not None and state.round == 2
     assert {n: a.dtype for n, a in state.global_arrays.items()} == {"a": "float32", "b": "float64"}
@@ -277,14 +291,17 @@ def test_every_offered_strategy_resumes_bit_for_bit(name: str, tmp_path: Path) -
         arrays = _round(original, r, arrays, rng, NODES)[1]
     record = RunRecord(out_dir=tmp_path, config=cfg.to_flat(), header={})
     save_state(
-        state_path(tmp_path), snapshot(2, {n: arrays[n].numpy() for n in arrays}, original, record)
+        state_path(tmp_path),
+        snapshot(
+            2, {n: arrays[n].numpy() for n in arrays}, _parts(original, record), record.config
+        ),
     )
 
     # Execute: a freshly built wrapper restored from the file; round 3 on both
     state = load_state(state_path(tmp_path))
     assert state is not None
     resumed = _wrapper(inner_strategy(cfg, len(NODES)), initial, "topk:0.3+q8+ef")
-    restore(state, cfg.with_overrides({"resume": True}), resumed, record)
+    _resume(state, cfg.with_overrides({"resume": True}), resumed, record)
     restored = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
     _, want = _round(original, 3, arrays, np.random.default_rng(1), NODES)
     _, got = _round(resumed, 1, restored, np.random.default_rng(1), NODES)
@@ -322,7 +339,7 @@ def test_a_strategy_with_undeclared_state_is_refused_not_saved_without_it(tmp_pa
     record = RunRecord(out_dir=tmp_path, config=parse_config({}).to_flat(), header={})
 
     with pytest.raises(TypeError, match=r"_Counting declares no resume state"):
-        snapshot(1, initial, wrapper, record)
+        snapshot(1, initial, _parts(wrapper, record), record.config)
 
 
 class _Damped(Strategy):
@@ -377,14 +394,17 @@ def test_a_wrapped_inner_strategy_and_scalar_state_survive_the_checkpoint(tmp_pa
         arrays = _round(original, r, arrays, rng)[1]
     record = RunRecord(out_dir=tmp_path, config=parse_config({}).to_flat(), header={})
     save_state(
-        state_path(tmp_path), snapshot(2, {n: arrays[n].numpy() for n in arrays}, original, record)
+        state_path(tmp_path),
+        snapshot(
+            2, {n: arrays[n].numpy() for n in arrays}, _parts(original, record), record.config
+        ),
     )
 
     # Execute
     state = load_state(state_path(tmp_path))
     assert state is not None
     resumed = _wrapper(make(), initial)
-    restore(state, parse_config({"resume": True}), resumed, record)
+    _resume(state, parse_config({"resume": True}), resumed, record)
     restored = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
     _, want = _round(original, 3, arrays, np.random.default_rng(1))
     _, got = _round(resumed, 1, restored, np.random.default_rng(1))
@@ -393,3 +413,36 @@ def test_a_wrapped_inner_strategy_and_scalar_state_survive_the_checkpoint(tmp_pa
     assert resumed.inner.step == original.inner.step
     for key, _ in SCHEMA:
         np.testing.assert_array_equal(got[key].numpy(), want[key].numpy())
+
+
+def test_restore_refuses_a_state_with_other_parts(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    cfg = parse_config({"server.average-last": 2})
+    record = RunRecord(out_dir=tmp_path, config=cfg.to_flat(), header={})
+    wrapper = _wrapper(FedAvg(), _arrays(rng))
+    state = snapshot(1, _arrays(rng), _parts(wrapper, record), record.config)  # no tail
+
+    with pytest.raises(ConfigError, match=r"kept the state of \['random', 'record', 'strategy'\]"):
+        restore(
+            state, cfg.with_overrides({"resume": True}), {**_parts(wrapper, record), "tail": None}
+        )
+
+
+def test_random_states_come_back_from_the_file(tmp_path: Path) -> None:
+    import torch
+
+    SAMPLER.seed(11)
+    torch.manual_seed(12)
+    path = state_path(tmp_path)
+    save_state(
+        path, ServerState(round=1, global_arrays={}, parts={"random": RandomStates().state_dict()})
+    )
+    want = (SAMPLER.random(), torch.rand(1).item())
+    SAMPLER.seed(0)
+    torch.manual_seed(0)
+
+    saved = load_state(path)
+    assert saved is not None
+    RandomStates().load_state_dict(saved.parts["random"])
+
+    assert (SAMPLER.random(), torch.rand(1).item()) == want

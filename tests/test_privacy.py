@@ -385,12 +385,14 @@ def test_the_adaptive_clip_survives_a_checkpoint(tmp_path: Path) -> None:
 
     # The privacy step's state travels inside the wrapper's declared state_dict.
     strategy = {"chain": None, "inner": {}, "privacy": {"clip": 0.3}}
-    state = ServerState(round=4, global_arrays={"w": np.ones(3, np.float32)}, strategy=strategy)
+    state = ServerState(
+        round=4, global_arrays={"w": np.ones(3, np.float32)}, parts={"strategy": strategy}
+    )
 
     save_state(tmp_path / "s.npz", state)
     loaded = load_state(tmp_path / "s.npz")
 
-    assert loaded is not None and loaded.strategy["privacy"] == {"clip": 0.3}
+    assert loaded is not None and loaded.parts["strategy"]["privacy"] == {"clip": 0.3}
 
 
 def test_bench_privacy_runs_each_uplink_without_privacy_then_at_each_epsilon(

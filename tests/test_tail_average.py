@@ -9,7 +9,7 @@ import pytest
 
 from feddistill.config import ConfigError, parse_config
 from feddistill.server.checkpoint import ServerState, load_state, save_state
-from feddistill.server.run import _tail_average
+from feddistill.server.lifecycle import RoundCheckpoints
 from feddistill.server.tail import TailAverage, window_size, window_start
 
 
@@ -42,17 +42,21 @@ def test_tail_survives_the_state_file(tmp_path: Path) -> None:
     for r in (1, 2, 3):
         tail.add(r, _globals(r))
     path = tmp_path / "server.npz"
-    save_state(path, ServerState(round=3, global_arrays=_globals(3), tail=tail.state()))
+    save_state(
+        path, ServerState(round=3, global_arrays=_globals(3), parts={"tail": tail.state_dict()})
+    )
     saved = load_state(path)
-    assert saved is not None and saved.tail is not None
-    back = TailAverage.from_state(saved.tail)
+    assert saved is not None
+    back = TailAverage(1)
+    back.load_state_dict(saved.parts["tail"])
     assert back.rounds == (2, 3)
     back.add(4, _globals(4))
     np.testing.assert_array_equal(back.mean(like=_globals(4))["w"], np.full((2, 3), 3.0))
     # Before the window opens the state holds no arrays, and comes back empty.
-    save_state(path, ServerState(round=1, global_arrays=_globals(1), tail=TailAverage(2).state()))
+    empty = {"tail": TailAverage(2).state_dict()}
+    save_state(path, ServerState(round=1, global_arrays=_globals(1), parts=empty))
     saved = load_state(path)
-    assert saved is not None and saved.tail is not None and saved.tail["total"] == {}
+    assert saved is not None and saved.parts["tail"]["total"] == {}
 
 
 def test_fraction_of_the_rounds_is_rounded_up() -> None:
@@ -70,27 +74,33 @@ def _checkpoint(folder: Path, r: int) -> None:
     save_file(_globals(r), str(folder / f"round-{r:04d}.safetensors"))
 
 
+def _realigned(cfg, done: int, saved: TailAverage, ckpt: RoundCheckpoints) -> TailAverage:
+    """What ServerRun.resume_or_start does: load the saved sum, then fit it to the window."""
+    tail = TailAverage(window_start(cfg.rounds, cfg.server.average_last))
+    tail.load_state_dict(saved.state_dict())
+    first = window_start(cfg.rounds, cfg.server.average_last)
+    tail.realign(first, done, lambda r: ckpt.global_of(r, ["w", "b"], cfg))
+    return tail
+
+
 def test_resume_continues_or_resums_the_window_from_checkpoints(tmp_path: Path) -> None:
-    ckpt, names = tmp_path / "checkpoints", ["w", "b"]
+    ckpt = RoundCheckpoints(tmp_path / "checkpoints", enabled=False)
     cfg = parse_config({"rounds": 6, "server.average-last": 3})
-    assert (
-        _tail_average(parse_config({"rounds": 6, "server.average-last": 0}), 0, None, ckpt, names)
-        is None
-    )
-    fresh = _tail_average(cfg, 0, None, ckpt, names)
-    assert fresh is not None and fresh.first == 4 and fresh.count == 0
+    fresh = _realigned(cfg, 0, TailAverage(4), ckpt)
+    assert fresh.first == 4 and fresh.count == 0
     summed = TailAverage(4)
     for r in (4, 5):
         summed.add(r, _globals(r))
-    resumed = _tail_average(cfg, 5, summed.state(), ckpt, names)
-    assert resumed is not None and resumed.rounds == (4, 5)
+    resumed = _realigned(cfg, 5, summed, ckpt)
+    assert resumed.rounds == (4, 5)
+    np.testing.assert_array_equal(resumed.total["w"], summed.total["w"])
     # rounds raised to 8 after round 5: the window is now 6..8, nothing of it done yet
-    later = _tail_average(cfg.with_overrides({"rounds": 8}), 5, summed.state(), ckpt, names)
-    assert later is not None and later.first == 6 and later.count == 0
+    later = _realigned(cfg.with_overrides({"rounds": 8}), 5, summed, ckpt)
+    assert later.first == 6 and later.count == 0
     # rounds raised to 7: window 5..7, round 5 re-summed from its checkpoint, or refused
     with pytest.raises(ConfigError, match="round 5"):
-        _tail_average(cfg.with_overrides({"rounds": 7}), 5, summed.state(), ckpt, names)
-    _checkpoint(ckpt, 5)
-    moved = _tail_average(cfg.with_overrides({"rounds": 7}), 5, summed.state(), ckpt, names)
-    assert moved is not None and moved.rounds == (5, 5)
+        _realigned(cfg.with_overrides({"rounds": 7}), 5, summed, ckpt)
+    _checkpoint(ckpt.folder, 5)
+    moved = _realigned(cfg.with_overrides({"rounds": 7}), 5, summed, ckpt)
+    assert moved.rounds == (5, 5)
     np.testing.assert_array_equal(moved.mean(like=_globals(5))["w"], _globals(5)["w"])

@@ -5,18 +5,22 @@ saves what a continuation needs after every completed round, in one file written
 (temp file + ``os.replace``: a crash mid-write leaves the previous round's file intact)::
 
     output-dir/state/server.npz
-        __manifest__          JSON (as uint8): round, run id, config, RNG states, run record,
-                              the strategy's state (scalars inline, arrays by name)
+        __manifest__          JSON (as uint8): round, run id, config, and each stateful part's
+                              ``state_dict()`` by the part's name (plain values inline, arrays
+                              by name)
         a0, a1, ...           the global exchanged arrays (dtype as aggregated: float32 with
                               FedAvg; full precision, never the compressed downlink) and every
-                              array of the strategy's state
+                              array of the parts' states
 
-Nothing is found by scanning attributes: the strategy's state is what
-:meth:`feddistill.strategies.CompressedStrategy.state_dict` declares (its downlink chain and,
-through :mod:`feddistill.strategies.state`, the inner Flower strategy's declared fields), the
-running tail average what :meth:`feddistill.server.tail.TailAverage.state` returns. The client
-sampler's state is saved (Flower's sampling draws from :data:`feddistill.server.grids.SAMPLER`
-while the server runs); torch's CPU generator too, for anything seeded from it.
+Nothing is found by scanning attributes. Like ``torch.nn.Module`` and ``torch.optim.Optimizer``,
+each part that must survive a restart declares its state with ``state_dict()`` /
+``load_state_dict()`` (:class:`Stateful`), and the run (:mod:`feddistill.server.lifecycle`)
+names its parts: the strategy (:meth:`feddistill.strategies.CompressedStrategy.state_dict`
+nests its downlink chain, its privacy step and, through :mod:`feddistill.strategies.state`, the
+inner Flower strategy's declared fields), the run record, the random generators
+(:class:`RandomStates`: Flower's sampling draws from :data:`feddistill.server.grids.SAMPLER`
+while the server runs; torch's CPU generator for anything seeded from it) and the running tail
+average, when the run averages its last rounds.
 
 The run id (:data:`feddistill.keys.RUN_ID`) is drawn for a fresh run and kept by a resumed
 one; clients key what they keep between rounds by it (docs/state.md).
@@ -35,7 +39,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,11 +49,7 @@ from feddistill.codec import save_arrays
 from feddistill.config import Config, ConfigError
 from feddistill.server.grids import SAMPLER, DelegatingGrid, node_order
 
-if TYPE_CHECKING:
-    from feddistill.server.results import RunRecord
-    from feddistill.strategies import CompressedStrategy
-
-FORMAT_VERSION = 2  # 2: declared strategy state and the run id (1: scanned attributes)
+FORMAT_VERSION = 3  # 3: named parts; 2: declared strategy state, fixed fields; 1: scanned
 STATE_FILE = Path("state") / "server.npz"
 _MANIFEST = "__manifest__"
 
@@ -74,18 +74,22 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
+class Stateful(Protocol):
+    """A part of the run that must survive a restart (the ``torch.optim.Optimizer`` API)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
 @dataclass
 class ServerState:
     """Everything a resumed run needs to continue exactly after ``round``."""
 
     round: int
     global_arrays: dict[str, np.ndarray]
-    strategy: dict[str, Any] = field(default_factory=dict)  # CompressedStrategy.state_dict()
+    parts: dict[str, Any] = field(default_factory=dict)  # part name -> its state_dict()
     config: dict[str, Any] = field(default_factory=dict)
-    record: dict[str, Any] = field(default_factory=dict)
-    python_random: Any = None
-    torch_random: np.ndarray | None = None
-    tail: dict[str, Any] | None = None  # the running sum of server.average-last, if any
     run_id: str = ""  # hex of the run id clients scope their state by
 
 
@@ -98,8 +102,11 @@ def _pack(value: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Describe ``value`` in JSON, moving its arrays into ``arrays`` under fresh names.
 
     Takes what ``state_dict()`` methods return: None, bool/int/float/str, bytes, numpy arrays,
-    ``ArrayRecord``, and dicts (string keys), lists and tuples of these.
+    ``ArrayRecord``, and dicts (string keys), lists and tuples of these. A dict or list of
+    plain JSON values only (the run record's rounds) is kept as it is.
     """
+    if isinstance(value, dict | list) and _plain_json(value):
+        return {"kind": "json", "value": value}
     if value is None:
         return {"kind": "none"}
     if isinstance(value, bool | int | float | str):
@@ -126,8 +133,21 @@ def _pack(value: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     raise TypeError(f"cannot save state of type {type(value).__name__}")
 
 
+def _plain_json(value: Any) -> bool:
+    """True for None, bool/int/float/str and dicts (string keys) and lists of these."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_json(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain_json(v) for v in value)
+    return False
+
+
 def _unpack(desc: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Any:
     kind = desc["kind"]
+    if kind == "json":
+        return desc["value"]
     if kind == "none":
         return None
     if kind == "value":
@@ -152,12 +172,8 @@ def save_state(path: Path, state: ServerState) -> None:
         "round": state.round,
         "run_id": state.run_id,
         "global": _pack(state.global_arrays, arrays),
-        "strategy": _pack(state.strategy, arrays),
         "config": state.config,
-        "record": state.record,
-        "python_random": state.python_random,
-        "torch_random": _pack(state.torch_random, arrays),
-        "tail": _pack(state.tail, arrays),
+        "parts": {name: _pack(part, arrays) for name, part in state.parts.items()},
     }
     blob = np.frombuffer(json.dumps(manifest, default=_json_default).encode(), dtype=np.uint8)
     save_arrays(path, {_MANIFEST: blob, **arrays})  # atomic: temp file + os.replace
@@ -179,12 +195,8 @@ def load_state(path: Path) -> ServerState | None:
     return ServerState(
         round=int(manifest["round"]),
         global_arrays=_unpack(manifest["global"], arrays),
-        strategy=_unpack(manifest["strategy"], arrays),
+        parts={name: _unpack(desc, arrays) for name, desc in manifest["parts"].items()},
         config=manifest["config"],
-        record=manifest["record"],
-        python_random=manifest["python_random"],
-        torch_random=_unpack(manifest["torch_random"], arrays),
-        tail=_unpack(manifest["tail"], arrays),
         run_id=str(manifest["run_id"]),
     )
 
@@ -196,17 +208,22 @@ def _json_default(obj: Any) -> Any:
 
 
 # -- random number generators -----------------------------------------------------------------
-def random_states() -> tuple[Any, np.ndarray]:
-    """The client sampler's state (JSON-friendly lists) and torch's CPU generator state."""
-    version, internal, gauss = SAMPLER.getstate()
-    return [version, list(internal), gauss], torch.get_rng_state().numpy().copy()
+class RandomStates:
+    """The client sampler (:data:`SAMPLER`) and torch's CPU generator, as one stateful part."""
 
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = SAMPLER.getstate()
+        return {
+            "sampler": {"version": version, "gauss": gauss},
+            "sampler_internal": np.asarray(internal, dtype=np.int64),
+            "torch": torch.get_rng_state().numpy().copy(),
+        }
 
-def set_random_states(python_random: Any, torch_random: np.ndarray | None) -> None:
-    version, internal, gauss = python_random
-    SAMPLER.setstate((version, tuple(internal), gauss))
-    if torch_random is not None:
-        torch.set_rng_state(torch.from_numpy(np.asarray(torch_random, dtype=np.uint8)))
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        sampler = state["sampler"]
+        internal = tuple(int(x) for x in state["sampler_internal"])
+        SAMPLER.setstate((sampler["version"], internal, sampler["gauss"]))
+        torch.set_rng_state(torch.from_numpy(np.asarray(state["torch"], dtype=np.uint8)))
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -223,46 +240,28 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 def snapshot(
     server_round: int,
     global_arrays: Mapping[str, np.ndarray],
-    strategy: CompressedStrategy,
-    record: RunRecord,
-    tail: dict[str, Any] | None = None,
+    parts: Mapping[str, Stateful],
+    config: Mapping[str, Any],
     run_id: str = "",
 ) -> ServerState:
-    """The state after ``server_round`` (call once the round is recorded).
-
-    ``tail`` is :meth:`feddistill.server.tail.TailAverage.state` when the run averages its last
-    rounds' models; ``run_id`` the hex run id the run sends its clients.
-
-    The wrapper's traffic counters are already in ``record``; the rest of its state (a chained
-    downlink, the inner strategy's) is what :meth:`CompressedStrategy.state_dict` declares.
-    """
-    python_random, torch_random = random_states()
+    """The state after ``server_round`` (call once the round is recorded): each part's
+    ``state_dict()`` under its name, the global arrays copied, the run's flat config and its
+    hex run id."""
     return ServerState(
         round=server_round,
         run_id=run_id,
         global_arrays={n: np.array(a, copy=True) for n, a in global_arrays.items()},
-        strategy=strategy.state_dict(),
-        config=dict(record.config),
-        record={
-            "rounds": record.rounds,
-            "initial": record.initial,
-            "events": record.events,
-            "started": record.started,
-        },
-        python_random=python_random,
-        torch_random=torch_random,
-        tail=tail,
+        parts={name: part.state_dict() for name, part in parts.items()},
+        config=dict(config),
     )
 
 
-def restore(
-    state: ServerState, cfg: Config, strategy: CompressedStrategy, record: RunRecord
-) -> None:
-    """Put ``state`` back into a freshly built strategy and run record.
+def restore(state: ServerState, cfg: Config, parts: Mapping[str, Stateful]) -> None:
+    """Put ``state`` back into the freshly built ``parts`` of a run with config ``cfg``.
 
     Raises:
-        ConfigError: the saved run used other settings (outside :data:`RESUMABLE_KEYS`), or
-            completed more rounds than ``rounds`` asks for now.
+        ConfigError: the saved run used other settings (outside :data:`RESUMABLE_KEYS`),
+            completed more rounds than ``rounds`` asks for now, or kept other parts.
     """
     diffs = config_differences(state.config, cfg.to_flat())
     if diffs:
@@ -276,13 +275,14 @@ def restore(
             f"invalid config rounds = {cfg.rounds}: the saved run already completed "
             f"{state.round} rounds; expected rounds >= {state.round}"
         )
-    strategy.load_state_dict(state.strategy)
-    strategy.round_offset = state.round
-    record.rounds = list(state.record["rounds"])
-    record.initial = dict(state.record["initial"])
-    record.events = list(state.record["events"])
-    record.started = float(state.record["started"])
-    set_random_states(state.python_random, state.torch_random)
+    if set(state.parts) != set(parts):
+        raise ConfigError(
+            f"resume = true, but the saved run kept the state of {sorted(state.parts)} and "
+            f"this run has {sorted(parts)}: finish it with the version that started it, or "
+            "start afresh (resume = false)"
+        )
+    for name, part in parts.items():
+        part.load_state_dict(state.parts[name])
 
 
 # -- reproducible rounds ----------------------------------------------------------------------

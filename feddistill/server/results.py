@@ -11,6 +11,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,21 @@ class RunRecord:
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, self.to_dict())
+
+    # -- resume: the rounds so far; the header and config are rebuilt from the run's settings
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "initial": self.initial,
+            "events": self.events,
+            "started": self.started,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rounds = list(state["rounds"])
+        self.initial = dict(state["initial"])
+        self.events = list(state["events"])
+        self.started = float(state["started"])
 
 
 def per_class_result(

@@ -10,48 +10,35 @@ from __future__ import annotations
 
 import copy
 import logging
-import secrets
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from safetensors.numpy import load_file as load_numpy
-from safetensors.torch import save_file
 
 from feddistill import __version__
 from feddistill.client.state import ClientState, folder_bytes
 from feddistill.client.work import distill_locally, encode_train, node_data, teacher_for_round
 from feddistill.codec import dense_float32_bytes
-from feddistill.config import Config, ConfigError
+from feddistill.config import Config
 from feddistill.distill.train import (
     Encoded,
-    EvalStats,
     encode_texts,
     evaluate,
     pick_device,
     torch_threads,
     usable_cores,
 )
-from feddistill.models.build import Labels, count_parameters, save_student, set_arrays
-from feddistill.server.checkpoint import (
-    ReproducibleGrid,
-    load_state,
-    restore,
-    save_state,
-    snapshot,
-    state_path,
-)
+from feddistill.models.build import Labels, count_parameters, save_student
+from feddistill.server.checkpoint import ReproducibleGrid
 from feddistill.server.grids import SAMPLER, SIMULATED_PARTITIONS, private_sampling
+from feddistill.server.lifecycle import Evaluator, ServerRun
 from feddistill.server.progress import RoundWatch, WatchedGrid
-from feddistill.server.results import RunRecord, per_class_result, summarize_local_only
-from feddistill.server.tail import TailAverage, window_start
+from feddistill.server.results import RunRecord, summarize_local_only
 from feddistill.server.tracking import Tracker
-from feddistill.strategies import CompressedStrategy, build_strategy
+from feddistill.strategies import build_strategy
 from feddistill.task import (
     InitialModels,
     initial_models,
@@ -59,7 +46,7 @@ from feddistill.task import (
     partitions,
     server_data,
 )
-from feddistill.wire import RUN_ID_BYTES, server_config
+from feddistill.wire import server_config
 
 log = logging.getLogger("feddistill")
 
@@ -127,42 +114,15 @@ def _run_server(
     out.mkdir(parents=True, exist_ok=True)
     SAMPLER.seed(cfg.seed)  # client sampling (see feddistill.server.grids.private_sampling)
     torch.manual_seed(cfg.seed)
-    eval_threads = usable_cores() if simulated else torch.get_num_threads()
     test_split, labels = server_data(cfg)
-    if not simulated:
-        log.info(
-            "deployment: labels %s; expecting %d SuperNodes (data.num-clients); %s",
-            ",".join(labels.names),
-            cfg.data.num_clients,
-            "no centralized test set" if test_split is None else f"{len(test_split)} test rows",
-        )
-    else:
-        sizes = [len(p) for p in partitions(cfg)]  # rejects bad partition settings up front
-        log.info(
-            "data: %d clients, partition sizes %d..%d (%s)",
-            len(sizes),
-            min(sizes),
-            max(sizes),
-            cfg.data.partitioning,
-        )
+    _log_data(cfg, simulated, labels, test_split)
     models = initial_models(cfg, labels)
-    total, exchanged = count_parameters(models.student)
-    t_total, _ = count_parameters(models.teacher)
-    log.info(
-        "teacher %s: %s parameters; student: %s total, %s exchanged",
-        cfg.model.teacher,
-        f"{t_total:,}",
-        f"{total:,}",
-        f"{exchanged:,}",
-    )
-
     device = pick_device(cfg.train.device)
     test = None
     if test_split is not None:
         test = encode_texts(
             models.student_tokenizer, test_split.texts, test_split.labels, cfg.data.max_length
         )
-    server_student = copy.deepcopy(models.student)
     strategy = build_strategy(
         cfg,
         cfg.data.num_clients,
@@ -170,120 +130,42 @@ def _run_server(
         models.init_arrays,
         known_examples=_known_examples(cfg) if simulated else None,
     )
-    dense_bytes = dense_float32_bytes(models.init_arrays)
-    record = RunRecord(
-        out_dir=out,
-        config=cfg.to_flat(),
-        header={
-            "feddistill_version": __version__,
-            "labels": list(labels.names),
-            "model": {
-                "teacher": cfg.model.teacher,
-                "teacher_parameters": t_total,
-                "student_parameters": total,
-                "exchanged_parameters": exchanged,
-            },
-        },
-    )
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    clock = {"t": time.time()}
-    last_eval: dict[str, EvalStats] = {}  # the last global's, for its per-class accuracy
+    eval_threads = usable_cores() if simulated else torch.get_num_threads()
+    evaluator = Evaluator(copy.deepcopy(models.student), models.names, test, device, eval_threads)
     watch = RoundWatch(cfg.rounds, display=progress)  # sees replies as they arrive
-    done, global_arrays, saved_tail, run_id = _resume_or_start(
-        cfg, strategy, record, models.init_arrays
+    run = ServerRun(
+        cfg,
+        strategy=strategy,
+        record=_new_record(cfg, labels, models),
+        evaluator=evaluator,
+        tracker=tracker,
+        watch=watch,
+        dense_bytes=dense_float32_bytes(models.init_arrays),
     )
-    record.header["run_id"] = run_id
-    tail = _tail_average(cfg, done, saved_tail, ckpt_dir, models.names)
-    tracker.start(record, resumed=done > 0)
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 and done:  # resumed: the initial model was evaluated before
-            clock["t"] = time.time()
-            return None
-        server_round += done  # Strategy.start counts from 1 again after a resume
-        set_arrays(server_student, {n: arrays[n].numpy() for n in models.names})
-        acc, loss = float("nan"), float("nan")
-        if test is not None:
-            with torch_threads(eval_threads):
-                stats = evaluate(server_student, test, device=device)
-            acc, loss = stats.accuracy, stats.loss
-            last_eval["stats"] = stats
-        if server_round == 0:
-            record.initial = {
-                "accuracy": acc if test is not None else None,
-                "loss": loss if test is not None else None,
-            }
-            clock["t"] = time.time()
-            return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
-        if cfg.checkpoints:
-            state = {
-                k: v.detach().cpu().contiguous() for k, v in server_student.state_dict().items()
-            }
-            save_file(state, str(_checkpoint_path(ckpt_dir, server_round)))
-        now = time.time()
-        entry = record.add_round(
-            server_round,
-            cfg.rounds,
-            acc,
-            loss,
-            strategy.traffic[server_round],
-            now - clock["t"],
-            dense_bytes,
-            client_state=watch.state_bytes_summary(server_round),
-            privacy=None if strategy.privacy is None else strategy.privacy.figures(server_round),
-        )
-        global_now = {n: arrays[n].numpy() for n in models.names}
-        if tail is not None:
-            tail.add(server_round, global_now)
-        save_state(
-            state_path(out),
-            snapshot(
-                server_round,
-                global_now,
-                strategy,
-                record,
-                tail=None if tail is None else tail.state(),
-                run_id=run_id,
-            ),
-        )
-        # Only now that the state holds this round may results.json claim it: a run killed in
-        # between then resumes from this round, not from the one before.
-        record.save()
-        tracker.log_round(entry)  # the very entry results.json holds
-        clock["t"] = now
-        return MetricRecord({"accuracy": acc, "loss": loss}) if test is not None else None
+    start = run.resume_or_start(models.init_arrays)
+    record = run.record
+    record.header["run_id"] = run.run_id
+    tracker.start(record, resumed=run.done > 0)
 
     run_cfg = ConfigRecord(
-        server_config(cfg.to_json(), labels.names, models.digest, bytes.fromhex(run_id))
+        server_config(cfg.to_json(), labels.names, models.digest, bytes.fromhex(run.run_id))
     )
-    initial = ArrayRecord({n: Array(global_arrays[n]) for n in models.names})
+    initial = ArrayRecord({n: Array(start[n]) for n in models.names})
     with private_sampling():
         result = strategy.start(
             grid=ReproducibleGrid(WatchedGrid(grid, watch)),
             initial_arrays=initial,
-            num_rounds=cfg.rounds - done,
+            num_rounds=cfg.rounds - run.done,
             timeout=cfg.server.round_timeout,
             train_config=run_cfg,
             evaluate_config=run_cfg,
-            evaluate_fn=evaluate_fn,
+            evaluate_fn=run.end_of_round,
         )
-    final_arrays = result.arrays if len(result.arrays) else initial
-    last = {n: final_arrays[n].numpy() for n in models.names}
-    extra: dict[str, object] = {}
-    if tail is not None and tail.count:
-        set_arrays(server_student, tail.mean(like=last))
-        extra.update(
-            _averaged_result(cfg, tail, record, server_student, test, device, eval_threads)
-        )
-    else:  # the output model is the last global, evaluated in its round: no second pass
-        set_arrays(server_student, last)
-        stats = last_eval.get("stats")
-        correct, rows = (stats.class_correct, stats.class_rows) if stats else ([], [])
-        extra.update(per_class_result(correct, rows, list(labels.names)))
-    student_dir = out / "student"
-    save_student(server_student, models.student_tokenizer, student_dir)
 
+    final_arrays = result.arrays if len(result.arrays) else initial
+    extra = run.output_model({n: final_arrays[n].numpy() for n in models.names})
+    student_dir = out / "student"
+    save_student(evaluator.model, models.student_tokenizer, student_dir)
     extra["student_dir"] = str(student_dir)
     if test is not None and _want_local_only(cfg, simulated):
         with torch_threads(eval_threads):
@@ -296,6 +178,56 @@ def _run_server(
         log.info("privacy: %s", extra["privacy_guarantee"])
     record.finish(**extra)
     tracker.finish(record.final, student_dir)
+    _log_done(record)
+    return record
+
+
+def _log_data(cfg: Config, simulated: bool, labels: Labels, test_split: Any) -> None:
+    if not simulated:
+        log.info(
+            "deployment: labels %s; expecting %d SuperNodes (data.num-clients); %s",
+            ",".join(labels.names),
+            cfg.data.num_clients,
+            "no centralized test set" if test_split is None else f"{len(test_split)} test rows",
+        )
+        return
+    sizes = [len(p) for p in partitions(cfg)]  # rejects bad partition settings up front
+    log.info(
+        "data: %d clients, partition sizes %d..%d (%s)",
+        len(sizes),
+        min(sizes),
+        max(sizes),
+        cfg.data.partitioning,
+    )
+
+
+def _new_record(cfg: Config, labels: Labels, models: InitialModels) -> RunRecord:
+    total, exchanged = count_parameters(models.student)
+    t_total, _ = count_parameters(models.teacher)
+    log.info(
+        "teacher %s: %s parameters; student: %s total, %s exchanged",
+        cfg.model.teacher,
+        f"{t_total:,}",
+        f"{total:,}",
+        f"{exchanged:,}",
+    )
+    return RunRecord(
+        out_dir=Path(cfg.output_dir),
+        config=cfg.to_flat(),
+        header={
+            "feddistill_version": __version__,
+            "labels": list(labels.names),
+            "model": {
+                "teacher": cfg.model.teacher,
+                "teacher_parameters": t_total,
+                "student_parameters": total,
+                "exchanged_parameters": exchanged,
+            },
+        },
+    )
+
+
+def _log_done(record: RunRecord) -> None:
     f = record.final
     averaged = ""
     if f.get("averaged_rounds"):
@@ -318,7 +250,6 @@ def _run_server(
         f["seconds_total"],
         record.path,
     )
-    return record
 
 
 def _known_examples(cfg: Config) -> Callable[[int], tuple[int, int] | None]:
@@ -335,104 +266,6 @@ def _known_examples(cfg: Config) -> Callable[[int], tuple[int, int] | None]:
         return counts[pid] if pid is not None and 0 <= pid < len(counts) else None
 
     return lookup
-
-
-def _checkpoint_path(folder: Path, server_round: int) -> Path:
-    return folder / f"round-{server_round:04d}.safetensors"
-
-
-def _averaged_result(
-    cfg: Config,
-    tail: TailAverage,
-    record: RunRecord,
-    model: torch.nn.Module,
-    test: Encoded | None,
-    device: torch.device,
-    threads: int,
-) -> dict[str, object]:
-    """Final-result fields of the averaged model (already in ``model``); the rounds keep theirs."""
-    first, last = tail.rounds
-    out: dict[str, object] = {
-        "averaged_rounds": [first, last],
-        "last_round_accuracy": record.rounds[-1]["accuracy"] if record.rounds else None,
-        "last_round_loss": record.rounds[-1]["loss"] if record.rounds else None,
-    }
-    if test is not None:
-        with torch_threads(threads):
-            stats = evaluate(model, test, device=device)
-        out.update(accuracy=stats.accuracy, loss=stats.loss)
-        out.update(per_class_result(stats.class_correct, stats.class_rows, record.header["labels"]))
-    else:
-        out.update(accuracy=None, loss=None, per_class_accuracy=None, per_class_count=None)
-    log.info(
-        "server.average-last = %s: the output model is the average of the globals of rounds %d-%d",
-        cfg.server.average_last,
-        first,
-        last,
-    )
-    return out
-
-
-def _tail_average(
-    cfg: Config,
-    done: int,
-    saved: dict[str, Any] | None,
-    checkpoints: Path,
-    names: Sequence[str],
-) -> TailAverage | None:
-    """The running average for ``server.average-last``, continued after a resume.
-
-    The saved sum is kept when it covers exactly the window's rounds done so far. A resume that
-    moved the window (``rounds`` changed) re-sums those rounds from their checkpoints; without
-    them it is refused.
-    """
-    if cfg.server.average_last == 0:
-        return None
-    first = window_start(cfg.rounds, cfg.server.average_last)
-    if saved is not None:
-        tail = TailAverage.from_state(saved)
-        if tail.count and tail.first == first and tail.first + tail.count == done + 1:
-            return tail
-    tail = TailAverage(first)
-    for r in range(first, done + 1):
-        path = _checkpoint_path(checkpoints, r)
-        if not path.exists():
-            raise ConfigError(
-                f"invalid config rounds = {cfg.rounds}: server.average-last = "
-                f"{cfg.server.average_last} now averages rounds {first}-{cfg.rounds}, but the "
-                f"saved run did not sum round {r} and its checkpoint {path} is missing; resume "
-                "with the rounds the run was started with"
-            )
-        arrays = load_numpy(str(path))
-        tail.add(r, {n: arrays[n] for n in names})
-    return tail
-
-
-def _resume_or_start(
-    cfg: Config, strategy: CompressedStrategy, record: RunRecord, init: dict[str, np.ndarray]
-) -> tuple[int, dict[str, np.ndarray], dict[str, Any] | None, str]:
-    """Rounds already completed, the global arrays to start from, the saved tail average and
-    the run id (hex).
-
-    ``resume = true`` restores the saved state (strategy, ``random``, run record, run id) and
-    records a ``resume`` event; without a saved state it starts afresh. ``resume = false``
-    removes any saved state, so a later resume never picks up an older run. A fresh run draws a
-    new run id: clients never continue another run's residuals or co-trained teacher.
-    """
-    path = state_path(cfg.output_dir)
-    fresh = secrets.token_bytes(RUN_ID_BYTES).hex()
-    if not cfg.resume:
-        path.unlink(missing_ok=True)
-        return 0, init, None, fresh
-    saved = load_state(path)
-    if saved is None:
-        log.info("resume = true but %s does not exist: starting from round 1", path)
-        return 0, init, None, fresh
-    restore(saved, cfg, strategy, record)
-    record.events.append({"event": "resume", "from_round": saved.round, "time": time.time()})
-    record.save()
-    log.info("resuming after round %d of %d (state %s)", saved.round, cfg.rounds, path)
-    return saved.round, saved.global_arrays, saved.tail, saved.run_id
 
 
 def _cache_usage(cfg: Config, simulated: bool) -> dict[str, int | None]:

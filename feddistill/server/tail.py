@@ -11,7 +11,7 @@ continues from each round's global model, so the clients, the wire and the bytes
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,10 +64,25 @@ class TailAverage:
     def rounds(self) -> tuple[int, int]:
         return self.first, self.first + self.count - 1
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"meta": {"first": self.first, "count": self.count}, "total": self.total}
 
-    @classmethod
-    def from_state(cls, saved: Mapping[str, Any]) -> TailAverage:
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         meta = saved["meta"]
-        return cls(int(meta["first"]), int(meta["count"]), dict(saved["total"]))
+        self.first, self.count = int(meta["first"]), int(meta["count"])
+        self.total = dict(saved["total"])
+
+    def realign(
+        self, first: int, done: int, load_round: Callable[[int], Mapping[str, np.ndarray]]
+    ) -> None:
+        """After a resume, make this the sum of rounds ``first..done``.
+
+        A saved sum that covers exactly those rounds is kept. A resume that moved the window
+        (``rounds`` changed, so ``first`` did) re-sums them from ``load_round``, which raises
+        when a round's global model is no longer at hand.
+        """
+        if self.count and self.first == first and self.first + self.count == done + 1:
+            return
+        self.first, self.count, self.total = first, 0, {}
+        for r in range(first, done + 1):
+            self.add(r, load_round(r))
