@@ -38,6 +38,7 @@ from feddistill.strategies.admission import (
     norm_bound,
     update_norm,
 )
+from feddistill.strategies.compressed import FLAT
 from feddistill.wire import metric_record, payload_record
 
 # The encoder tests finiteness by a sum first, which overflows (and warns) on the huge finite
@@ -104,7 +105,7 @@ def _wrapper(inner: Strategy | None = None, **kwargs: object) -> CompressedStrat
         **kwargs,  # type: ignore[arg-type]
     )
     global_w = _arrays(rng)
-    wrapper._downlink_record(1, ArrayRecord({n: Array(a) for n, a in global_w.items()}))
+    wrapper._receive_global(ArrayRecord({n: Array(a) for n, a in global_w.items()}))
     return wrapper
 
 
@@ -356,7 +357,8 @@ def test_update_that_overflows_the_global_is_rejected() -> None:
     wrapper = _wrapper(admission=AdmissionPolicy(max_update_norm_ratio=0.0))
     assert wrapper._global is not None
     overflow = {n: np.full(s, 3.4e38, np.float32) for n, s in SCHEMA}
-    wrapper._global["layer.bias"][:] = np.abs(wrapper._global["layer.bias"]) + 1e38
+    near_max = dict(wrapper._global, **{"layer.bias": np.abs(wrapper._global["layer.bias"]) + 1e38})
+    wrapper._receive_global(ArrayRecord({n: Array(a) for n, a in near_max.items()}))
     bad = _reply(9, encode(overflow, NONE).payload, _metrics())
     # Execute
     got, _ = wrapper.aggregate_train(1, [*replies, bad])
@@ -433,7 +435,8 @@ def test_a_failed_step_leaves_the_inner_optimizer_as_it_was(monkeypatch, mode: s
     inner.mode = mode
     wrapper = _wrapper(inner)
     assert wrapper._global is not None
-    inner.current_arrays = ArrayRecord({n: Array(a.copy()) for n, a in wrapper._global.items()})
+    assert wrapper._global_flat is not None  # the inner strategy sees the model flattened
+    inner.current_arrays = ArrayRecord({FLAT: Array(wrapper._global_flat.copy())})
     assert wrapper.aggregate_train(1, _honest(seed=1)[0])[0] is not None
     before = _state(inner)
 

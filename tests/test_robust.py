@@ -82,7 +82,7 @@ def _cfg(strategy: str, per_round: int, **extra: object):
 
 def _built(cfg, initial: dict[str, np.ndarray], global_w: dict[str, np.ndarray]):
     strategy = build_strategy(cfg, cfg.data.num_clients, SCHEMA, initial)
-    strategy._downlink_record(1, ArrayRecord({n: Array(a) for n, a in global_w.items()}))
+    strategy._receive_global(ArrayRecord({n: Array(a) for n, a in global_w.items()}))
     return strategy
 
 

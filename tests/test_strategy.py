@@ -35,6 +35,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from feddistill import keys
 from feddistill.codec import encode, parse_spec
 from feddistill.strategies import CompressedStrategy
+from feddistill.strategies.compressed import FLAT
 from feddistill.wire import payload_record
 
 SCHEMA = [("layer.weight", (6, 5)), ("layer.bias", (6,))]
@@ -82,7 +83,7 @@ def _wrapper(inner: Strategy, initial: dict[str, np.ndarray], uplink: str) -> Co
 
 def _prime(wrapper: CompressedStrategy, global_arrays: dict[str, np.ndarray]) -> None:
     """What configure_train does before replies arrive: remember the broadcast global."""
-    wrapper._downlink_record(1, ArrayRecord({n: Array(a) for n, a in global_arrays.items()}))
+    wrapper._receive_global(ArrayRecord({n: Array(a) for n, a in global_arrays.items()}))
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,8 @@ def test_none_codec_equals_flower_on_dense_weights(make_inner) -> None:
     reference, wrapped_inner = make_inner(), make_inner()
     if hasattr(reference, "current_arrays"):  # FedOpt family remembers the broadcast weights
         reference.current_arrays = {n: a.copy() for n, a in global_w.items()}
-        wrapped_inner.current_arrays = {n: a.copy() for n, a in global_w.items()}
+        flat = np.concatenate([global_w[n].ravel() for n, _ in SCHEMA])  # what it is shown
+        wrapped_inner.current_arrays = {FLAT: flat}
     expected, expected_metrics = reference.aggregate_train(1, dense_replies)
 
     wrapper = _wrapper(wrapped_inner, initial, "none")
@@ -264,7 +266,8 @@ def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(tmp
         record = ArrayRecord({n: Array(a) for n, a in global_w.items()})
         shared = RecordDict({keys.CONFIG: ConfigRecord()})
         requests = [Message(shared, dst_node_id=i, message_type=MessageType.TRAIN) for i in nodes]
-        messages = wrapper._compress_messages(server_round, requests, record, sink)
+        wrapper._receive_global(record)
+        messages = wrapper._compress_messages(server_round, requests, sink)
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
@@ -327,7 +330,8 @@ def test_node_left_on_a_version_the_resumed_server_rebuilt_differently_gets_the_
         request = Message(
             RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=1, message_type=kind
         )
-        (msg,) = wrapper._compress_messages(r, [request], record, {})
+        wrapper._receive_global(record)
+        (msg,) = wrapper._compress_messages(r, [request], {})
         return msg, msg.content[keys.ARRAYS][keys.PAYLOAD].numpy()
 
     def train_reply(wrapper, r, msg) -> dict[str, np.ndarray]:

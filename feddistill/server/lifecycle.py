@@ -189,7 +189,7 @@ class ServerRun:
             self._clock = time.time()
             return None
         server_round += self.done  # Strategy.start counts from 1 again after a resume
-        global_now = {n: arrays[n].numpy() for n in self.evaluator.names}
+        global_now = self.strategy.dense(arrays)
         stats = self.evaluator(global_now)
         acc, loss = (stats.accuracy, stats.loss) if stats else (float("nan"), float("nan"))
         metrics = None if stats is None else MetricRecord({"accuracy": acc, "loss": loss})

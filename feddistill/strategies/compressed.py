@@ -21,6 +21,14 @@ inner strategy dense weights ``global + delta_i``, so FedAvg gives ``global + me
 FedAdam's pseudo-gradient is ``mean(delta)``, FedMedian takes the median delta, and with the
 "none" codec everything equals Flower's own strategy on dense weights.
 
+The inner strategy sees the model as one flat array (:data:`FLAT`, every exchanged parameter
+in schema order), and Flower's round loop sees it by parameter name. A Flower ``Array`` is
+serialized with ``np.save`` when made and parsed again on every ``.numpy()``: one array instead
+of one per parameter (37 for the default student) takes most of the server's share of a
+round off (docs/scaling.md). Flower's strategies are elementwise (FedAvg, FedAvgM, FedOpt,
+median, trimmed mean) or use whole-model distances (Krum, Bulyan), so the result is the same;
+elementwise ones give it bit for bit.
+
 Admission control (:mod:`feddistill.strategies.admission`, docs/robustness.md): every reply,
 training and evaluation, is checked against its declared schema (`keys.TRAIN_REPLY`,
 `keys.EVALUATE_REPLY`) before the inner strategy sees it, and each decoded update against the
@@ -72,6 +80,8 @@ from feddistill.wire import message_bytes, payload_record
 
 log = logging.getLogger("feddistill.server")
 _T = TypeVar("_T")
+
+FLAT = "feddistill.flat"  # the inner strategy's one array: the exchanged parameters, flattened
 
 # Headroom over the encoder's worst case (`max_encoded_bytes`), so that a codec change that
 # grows payloads a little fails the codec's bound test rather than every reply of a federation.
@@ -147,6 +157,7 @@ class CompressedStrategy(Strategy):
         self.schema = [(n, tuple(s)) for n, s in schema]
         self.names = [n for n, _ in self.schema]
         self.initial = {n: np.asarray(initial[n], dtype=np.float32) for n in self.names}
+        self._offsets = np.cumsum([0] + [int(np.prod(s, dtype=np.int64)) for _, s in self.schema])
         self.uplink = uplink
         self.downlink = downlink
         self.max_payload_bytes = payload_limit(self.schema, uplink, max_payload_bytes)
@@ -157,7 +168,9 @@ class CompressedStrategy(Strategy):
         self.min_replies = min_replies
         self.round_offset = round_offset  # rounds completed before this start() (resume)
         self.traffic: dict[int, RoundTraffic] = {}
-        self._global: dict[str, np.ndarray] | None = None
+        self._global: dict[str, np.ndarray] | None = None  # the round's global, by name
+        self._global_flat: np.ndarray | None = None  # the same, flattened (FLAT)
+        self._returned: tuple[ArrayRecord, dict[str, np.ndarray]] | None = None
         self._train_requests: dict[int, list[Message]] = {}  # to name nodes that never replied
         self.chain = (
             ChainSender(self.initial, downlink, chain=secrets.token_bytes(8), seed=seed)
@@ -170,36 +183,57 @@ class CompressedStrategy(Strategy):
     def _round(self, server_round: int) -> RoundTraffic:
         return self.traffic.setdefault(server_round, RoundTraffic())
 
-    def _downlink_record(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
-        dense = {n: arrays[n].numpy() for n in self.names}
-        self._global = dense
+    def dense(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """``arrays`` by name; the record this wrapper returned last is not parsed again."""
+        if self._returned is not None and self._returned[0] is arrays:
+            return self._returned[1]
+        return {n: arrays[n].numpy() for n in self.names}
+
+    def _receive_global(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Remember the round's global (by name and flat); the inner strategy's view of it."""
+        self._global = self.dense(arrays)
+        self._global_flat = self._flatten(self._global)
+        return self._flat_record(self._global_flat)
+
+    def _flatten(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.ravel(arrays[n]) for n in self.names])
+
+    def _unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        o = self._offsets
+        return {n: flat[o[i] : o[i + 1]].reshape(s) for i, (n, s) in enumerate(self.schema)}
+
+    def _flat_record(self, flat: np.ndarray) -> ArrayRecord:
+        return ArrayRecord({FLAT: Array(flat)})
+
+    def _downlink_record(self, server_round: int, dense: dict[str, np.ndarray]) -> ArrayRecord:
         delta = {n: dense[n] - self.initial[n] for n in self.names}
         encoded = encode(delta, self.downlink, seed=self.seed * 7919 + server_round)
         return payload_record(encoded.payload)
 
     def _compress_messages(
-        self,
-        server_round: int,
-        messages: Iterable[Message],
-        arrays: ArrayRecord,
-        sink: dict[int, int],
+        self, server_round: int, messages: Iterable[Message], sink: dict[int, int]
     ) -> list[Message]:
+        """Each message with the encoded global (``_receive_global`` ran) in place of the
+        arrays the inner strategy put there; its serialized size into ``sink``."""
         out = list(messages)
         if not out:
             return out
         if self.chain is not None:
-            return self._chain_messages(out, arrays, sink)
-        record = self._downlink_record(server_round, arrays)
+            return self._chain_messages(out, sink)
+        record = self._downlink_record(server_round, self._global)
         for msg in out:
             msg.content[self.inner_key] = record
-            sink[msg.metadata.dst_node_id] = message_bytes(msg)
+        # Flower's strategies give every message of a round one RecordDict: size it once.
+        sizes: dict[int, int] = {}
+        for msg in out:
+            key = id(msg.content)
+            if key not in sizes:
+                sizes[key] = message_bytes(msg)
+            sink[msg.metadata.dst_node_id] = sizes[key]
         return out
 
-    def _chain_messages(
-        self, out: list[Message], arrays: ArrayRecord, sink: dict[int, int]
-    ) -> list[Message]:
-        assert self.chain is not None
-        self._global = {n: arrays[n].numpy() for n in self.names}
+    def _chain_messages(self, out: list[Message], sink: dict[int, int]) -> list[Message]:
+        assert self.chain is not None and self._global is not None
         self.chain.advance(self._global)
         self._inflight = {}
         for msg in out:
@@ -358,10 +392,10 @@ class CompressedStrategy(Strategy):
             stats.update_norms[c.node] = c.norm
         bound = norm_bound([c.norm for c in candidates], self.admission)
         shared = self._shared_metrics(candidates)
-        assert self._global is not None, "configure_train runs before aggregate_train"
+        assert self._global_flat is not None, "configure_train runs before aggregate_train"
         out = []
         for c in candidates:
-            delta = c.delta
+            delta = self._flatten(c.delta)
             if bound is not None and c.norm > bound:
                 if self.admission.norm_action == "reject":
                     err = AdmissionError(
@@ -371,8 +405,7 @@ class CompressedStrategy(Strategy):
                     )
                     self._refuse(stats.failures, server_round, c.node, err)
                     continue
-                scale = np.float32(bound / c.norm)
-                delta = {n: d * scale for n, d in delta.items()}
+                delta = delta * np.float32(bound / c.norm)
                 stats.clipped.append((c.node, c.norm, bound))
                 log.warning(
                     "round %d: update of node %s clipped from L2 norm %.4g to %.4g",
@@ -382,14 +415,12 @@ class CompressedStrategy(Strategy):
                     bound,
                 )
             with np.errstate(over="ignore"):  # an overflow to Inf is refused just below
-                dense = {n: self._global[n] + delta[n] for n in self.names}
-            if not all_finite(dense):
+                dense = self._global_flat + delta
+            if not all_finite({FLAT: dense}):
                 err = AdmissionError("non-finite", "global + update is not finite (overflow)")
                 self._refuse(stats.failures, server_round, c.node, err)
                 continue
-            out.append(
-                self._rebuilt(c, shared, ArrayRecord({n: Array(dense[n]) for n in self.names}))
-            )
+            out.append(self._rebuilt(c, shared, self._flat_record(dense)))
         return out
 
     def _rebuilt(self, c: _Candidate, shared: set[str], arrays: ArrayRecord | None) -> Message:
@@ -439,12 +470,11 @@ class CompressedStrategy(Strategy):
         server_round += self.round_offset
         if self.privacy is not None:
             self.privacy.configure(config)
-        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        flat = self._receive_global(arrays)
+        messages = self.inner.configure_train(server_round, flat, config, grid)
         if self.privacy is not None:
             messages = self.privacy.select(list(messages))
-        out = self._compress_messages(
-            server_round, messages, arrays, self._round(server_round).bytes_down
-        )
+        out = self._compress_messages(server_round, messages, self._round(server_round).bytes_down)
         self._train_requests[server_round] = out  # the Grid gives them ids when it sends them
         return out
 
@@ -494,9 +524,9 @@ class CompressedStrategy(Strategy):
             log.warning("round %d: %s", server_round, stats.round_failure)
             return None, None
         if self.privacy is not None:
-            assert self._global is not None
+            assert self._global_flat is not None
             valid = self.privacy.privatize(
-                server_round, valid, self._global, self.names, self.inner_key
+                server_round, valid, {FLAT: self._global_flat}, [FLAT], self.inner_key
             )
         before = self._inner_state()
         result = self._guarded(
@@ -506,23 +536,36 @@ class CompressedStrategy(Strategy):
             self._restore_inner(before)
             return None, None
         arrays, metrics = result
-        if arrays is not None and not all_finite({n: arrays[n].numpy() for n in self.names}):
-            reason = f"train aggregation in {type(self.inner).__name__} gave a non-finite model"
-            stats.aggregation_errors.append(reason)
-            log.error("round %d: %s; global unchanged", server_round, reason)
-            self._restore_inner(before)
-            return None, None
+        named = None
+        if arrays is not None:
+            flat = arrays[FLAT].numpy() if list(arrays.keys()) == [FLAT] else None
+            if flat is None or not all_finite({FLAT: flat}):
+                inner = type(self.inner).__name__
+                reason = (
+                    f"train aggregation in {inner} gave a non-finite model"
+                    if flat is not None
+                    else f"train aggregation in {inner} returned arrays {list(arrays.keys())}, "
+                    f"not the one {FLAT!r} it was given"
+                )
+                stats.aggregation_errors.append(reason)
+                log.error("round %d: %s; global unchanged", server_round, reason)
+                self._restore_inner(before)
+                return None, None
+            dense = self._unflatten(flat)
+            named = ArrayRecord({n: Array(dense[n]) for n in self.names})
+            self._returned = (named, dense)
         if metrics is not None:
             stats.train_metrics = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
-        return arrays, metrics
+        return named, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        flat = self._receive_global(arrays)
+        messages = self.inner.configure_evaluate(server_round, flat, config, grid)
         return self._compress_messages(
-            server_round, messages, arrays, self._round(server_round).eval_bytes_down
+            server_round, messages, self._round(server_round).eval_bytes_down
         )
 
     def aggregate_evaluate(
