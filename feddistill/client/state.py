@@ -138,19 +138,6 @@ class ClientState:
             freed += size
         return freed
 
-    def evict_teachers(self) -> int:
-        """Drop cached teachers (recomputed on demand); returns bytes freed."""
-        freed = 0
-        for folder in self.root.glob("teacher-*"):
-            freed += folder_bytes(folder)
-            shutil.rmtree(folder, ignore_errors=True)
-        return freed
-
-    # -- error-feedback residual --------------------------------------------------------------
-    # One file per run and server round. Per round: when the server dies mid-round and resumes,
-    # the redone round must start from the residual before it, not from the one this client
-    # already advanced. Per run: a new run in the same cache folder (the same client keys) must
-    # start from no residual, never from what an earlier run left.
     def residual_path(self, server_round: int, *, run: str) -> Path:
         return self.root / f"residual-{_run_name(run)}-{server_round:06d}.npz"
 

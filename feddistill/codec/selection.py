@@ -89,7 +89,7 @@ def global_topk_indices(
     p = k / total
     sample_size = max(_MIN_SAMPLE, math.ceil(_SAMPLE_ABOVE / p))
     if total < EXACT_BELOW or sample_size * 8 > total:
-        return _split(flats, _exact(flats, k))
+        return split_indices([f.shape[0] for f in flats], _exact(flats, k))
     # Uniform sample over all elements: how many land in each array, then where (no sort).
     per_array = rng.multinomial(sample_size, sizes / total)
     sample = np.concatenate(
@@ -115,7 +115,7 @@ def global_topk_indices(
             chosen = c[keep[lo:hi]]
             out.append(None if chosen.shape[0] == n else chosen)
         return out
-    return _split(flats, _exact(flats, k))
+    return split_indices([f.shape[0] for f in flats], _exact(flats, k))
 
 
 def _top_k_mask(magnitudes: np.ndarray, k: int) -> np.ndarray:
@@ -139,16 +139,14 @@ def _exact(flats: Sequence[np.ndarray], k: int) -> np.ndarray:
     return np.flatnonzero(_top_k_mask(magnitudes, k))
 
 
-def _split(flats: Sequence[np.ndarray], indices: np.ndarray) -> list[np.ndarray | None]:
-    """Split sorted global indices over the concatenation back into per-array indices."""
+def split_indices(numels: Sequence[int], indices: np.ndarray) -> list[np.ndarray | None]:
+    """Sorted indices into the concatenation of arrays of ``numels`` elements, split back into
+    per-array indices (None where an array keeps every element)."""
     out: list[np.ndarray | None] = []
-    start = 0
-    lo = 0
-    for flat in flats:
-        n = flat.shape[0]
+    start = lo = 0
+    for n in numels:
         hi = int(np.searchsorted(indices, start + n))
         part = indices[lo:hi] - start
         out.append(None if part.shape[0] == n else part)
-        start += n
-        lo = hi
+        start, lo = start + n, hi
     return out

@@ -69,7 +69,13 @@ from .quant import (
     quantize,
     unpack_codes,
 )
-from .selection import global_topk_indices, kept_count, threshold_indices, topk_indices
+from .selection import (
+    global_topk_indices,
+    kept_count,
+    split_indices,
+    threshold_indices,
+    topk_indices,
+)
 from .spec import CompressionSpec
 
 FORMAT_VERSION = 2
@@ -218,7 +224,7 @@ def encode(update: Mapping[str, np.ndarray], spec: CompressionSpec, *, seed: int
         total,
     )
     payload = np.concatenate([np.frombuffer(header, dtype=np.uint8), *body])
-    decoded = _split(dense, dense_part.decoded, shapes) | _split(
+    decoded = unflatten(dense, dense_part.decoded, shapes) | unflatten(
         sparse, sparse_part.decoded, shapes
     )
     numels = [flats[name].shape[0] for name in sparse]
@@ -374,7 +380,7 @@ def _element_selector(
     return np.repeat(mask, unit_lengths(numels, block))
 
 
-def _split(
+def unflatten(
     names: Sequence[str], flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, np.ndarray]:
     """Views of the concatenation `flat`, one per tensor, in the tensors' shapes."""
@@ -394,14 +400,7 @@ def _split_positions(
     if selector is None:
         return dict.fromkeys(names)
     indices = np.flatnonzero(selector) if selector.dtype == bool else selector
-    out: dict[str, np.ndarray | None] = {}
-    start = lo = 0
-    for name, n in zip(names, numels, strict=True):
-        hi = int(np.searchsorted(indices, start + n))
-        part = indices[lo:hi] - start
-        out[name] = None if part.shape[0] == n else part
-        start, lo = start + n, hi
-    return out
+    return dict(zip(names, split_indices(numels, indices), strict=True))
 
 
 def _code_values(
@@ -502,8 +501,8 @@ def decode(
         raise PayloadError("trailing-bytes", f"{size - reader.pos} unused bytes at the end")
     shapes = {name: shape for name, shape, _ in entries}
     out = {
-        **_split([name for name, _ in dense], dense_flat, shapes),
-        **_split([name for name, _ in sparse], sparse_flat, shapes),
+        **unflatten([name for name, _ in dense], dense_flat, shapes),
+        **unflatten([name for name, _ in sparse], sparse_flat, shapes),
     }
     return {name: out[name] for name, _, _ in entries}
 

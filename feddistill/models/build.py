@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -278,9 +277,3 @@ def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def model_config_summary(spec: str) -> str:
-    if _builtin_name(spec) is not None:
-        return spec
-    return AutoConfig.from_pretrained(resolve_model_path(spec)).model_type

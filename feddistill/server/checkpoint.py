@@ -48,6 +48,7 @@ from flwr.app import Array, ArrayRecord, Message
 from feddistill.codec import save_arrays
 from feddistill.config import Config, ConfigError
 from feddistill.server.grids import SAMPLER, DelegatingGrid, node_order
+from feddistill.server.results import json_default
 
 FORMAT_VERSION = 3  # 3: named parts; 2: declared strategy state, fixed fields; 1: scanned
 STATE_FILE = Path("state") / "server.npz"
@@ -175,7 +176,7 @@ def save_state(path: Path, state: ServerState) -> None:
         "config": state.config,
         "parts": {name: _pack(part, arrays) for name, part in state.parts.items()},
     }
-    blob = np.frombuffer(json.dumps(manifest, default=_json_default).encode(), dtype=np.uint8)
+    blob = np.frombuffer(json.dumps(manifest, default=json_default).encode(), dtype=np.uint8)
     save_arrays(path, {_MANIFEST: blob, **arrays})  # atomic: temp file + os.replace
 
 
@@ -199,12 +200,6 @@ def load_state(path: Path) -> ServerState | None:
         config=manifest["config"],
         run_id=str(manifest["run_id"]),
     )
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 # -- random number generators -----------------------------------------------------------------

@@ -25,11 +25,12 @@ log = logging.getLogger("feddistill")
 def write_json_atomic(path: Path, data: Any) -> None:
     """Temp file + rename: a crash mid-write never leaves a truncated results.json."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default))
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=json_default))
     os.replace(tmp, path)
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """numpy scalars as Python numbers in JSON (results.json, the checkpoint manifest)."""
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")

@@ -59,6 +59,7 @@ from flwr.serverapp.strategy import Strategy
 from feddistill import keys
 from feddistill.codec import CompressionSpec, PayloadError, decode, encode, max_encoded_bytes
 from feddistill.codec.chain import DIGEST_CHECK, ChainSender
+from feddistill.codec.wire import unflatten
 from feddistill.strategies.admission import (
     AdmissionError,
     AdmissionPolicy,
@@ -157,7 +158,6 @@ class CompressedStrategy(Strategy):
         self.schema = [(n, tuple(s)) for n, s in schema]
         self.names = [n for n, _ in self.schema]
         self.initial = {n: np.asarray(initial[n], dtype=np.float32) for n in self.names}
-        self._offsets = np.cumsum([0] + [int(np.prod(s, dtype=np.int64)) for _, s in self.schema])
         self.uplink = uplink
         self.downlink = downlink
         self.max_payload_bytes = payload_limit(self.schema, uplink, max_payload_bytes)
@@ -199,8 +199,7 @@ class CompressedStrategy(Strategy):
         return np.concatenate([np.ravel(arrays[n]) for n in self.names])
 
     def _unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        o = self._offsets
-        return {n: flat[o[i] : o[i + 1]].reshape(s) for i, (n, s) in enumerate(self.schema)}
+        return unflatten(self.names, flat, dict(self.schema))
 
     def _flat_record(self, flat: np.ndarray) -> ArrayRecord:
         return ArrayRecord({FLAT: Array(flat)})
