@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from feddistill.aggregation import STRATEGIES, RobustSettingError, requirement, what_works
-from feddistill.codec import parse_spec
+from feddistill.codec import CompressionSpec, parse_spec
 
 
 class ConfigError(ValueError):
@@ -308,15 +308,27 @@ class CompressionConfig:
     max_payload_mb: float = 512.0
 
     def __post_init__(self) -> None:
-        for key, text in (
-            ("compression.uplink", self.uplink),
-            ("compression.downlink", self.downlink),
+        for name, key, text in (
+            ("_uplink_spec", "compression.uplink", self.uplink),
+            ("_downlink_spec", "compression.downlink", self.downlink),
         ):
             try:
-                parse_spec(text)
+                spec = parse_spec(text)
             except ValueError as err:
                 raise ConfigError(f"invalid config {key} = {text!r}: {err}") from None
+            # Parsed once, here; not a dataclass field, so the flat config keeps the text.
+            object.__setattr__(self, name, spec)
         _check_range("compression.max-payload-mb", self.max_payload_mb, lo=0, lo_open=True)
+
+    @property
+    def uplink_spec(self) -> CompressionSpec:
+        """``uplink`` parsed (every consumer reads this, none parses the text again)."""
+        return self._uplink_spec  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def downlink_spec(self) -> CompressionSpec:
+        """``downlink`` parsed."""
+        return self._downlink_spec  # type: ignore[attr-defined,no-any-return]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by FedProx
 CLIP_NORM = "feddistill.clip-norm"  # privacy: this round's clipping norm (adaptive clipping)
 
+# Node config entries (a SuperNode's --node-config; Flower sets partition-id in simulation)
+PARTITION_ID = "partition-id"  # a simulated node's partition of data.source
+DATA_PATH = "data-path"  # a device's own data file
+NODE_CACHE_DIR = "cache-dir"  # a device's folder for its state (teachers, residuals)
+
 # MetricRecord entries returned by clients
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 TRAIN_LOSS = "train-loss"

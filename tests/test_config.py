@@ -72,3 +72,20 @@ def test_known_keys_are_dotted_and_hyphenated() -> None:
     keys = known_keys()
     assert "distill.temperature" in keys and "data.num-clients" in keys
     assert all("_" not in k for k in keys)
+
+
+def test_compression_specs_are_parsed_once_and_the_flat_config_keeps_their_text() -> None:
+    import pickle
+
+    from feddistill.codec import CompressionSpec, parse_spec
+
+    cfg = parse_config({"compression.uplink": "topk:0.02+q8", "compression.downlink": "q8"})
+
+    assert cfg.compression.uplink_spec == parse_spec("topk:0.02+q8")
+    assert isinstance(cfg.compression.downlink_spec, CompressionSpec)
+    flat = cfg.to_flat()
+    assert flat["compression.uplink"] == "topk:0.02+q8" and "compression.uplink-spec" not in flat
+    again = pickle.loads(pickle.dumps(cfg))  # how Ray ships it to workers
+    assert again == cfg and again.compression.uplink_spec == cfg.compression.uplink_spec
+    moved = cfg.with_overrides({"compression.uplink": "none"})
+    assert moved.compression.uplink_spec == parse_spec("none")

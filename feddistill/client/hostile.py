@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from feddistill import attacks
+from feddistill import attacks, keys
 from feddistill.config import Config
 
 
 def is_hostile(cfg: Config, node_config: dict[str, Any]) -> bool:
     a = cfg.attack
-    if not a.active or cfg.mode != "simulation" or "partition-id" not in node_config:
+    if not a.active or cfg.mode != "simulation" or keys.PARTITION_ID not in node_config:
         return False
-    pid = int(node_config["partition-id"])
+    pid = int(node_config[keys.PARTITION_ID])
     return attacks.is_hostile(pid, cfg.data.num_clients, a.fraction, a.seed)
 
 

@@ -29,7 +29,6 @@ from feddistill.codec import (
     PayloadError,
     decode,
     encode,
-    parse_spec,
     residual_after,
     with_residual,
 )
@@ -88,13 +87,13 @@ class NodeData:
 
 def node_data(cfg: Config, labels: Labels, node_config: dict[str, Any]) -> NodeData:
     """A device reads its own ``data-path``; a simulated node its ``partition-id``."""
-    cache_root = Path(str(node_config.get("cache-dir") or default_cache_dir(cfg)))
-    if "data-path" in node_config:
-        path = str(node_config["data-path"])
+    cache_root = Path(str(node_config.get(keys.NODE_CACHE_DIR) or default_cache_dir(cfg)))
+    if keys.DATA_PATH in node_config:
+        path = str(node_config[keys.DATA_PATH])
         train, val = local_file_split(cfg, path, labels)
         key = "node-" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
-    elif "partition-id" in node_config:
-        pid = int(node_config["partition-id"])
+    elif keys.PARTITION_ID in node_config:
+        pid = int(node_config[keys.PARTITION_ID])
         train, val = partition_split(cfg, pid)
         key = f"partition-{pid}-of-{cfg.data.num_clients}"
     else:
@@ -141,7 +140,7 @@ def received_arrays(
     the newest model this node holds, brought up to date with the versions in the message.
     """
     limit = int(cfg.compression.max_payload_mb * 2**20)
-    if not parse_spec(cfg.compression.downlink).error_feedback:
+    if not cfg.compression.downlink_spec.error_feedback:
         delta = decode(payload, models.schema, max_payload_bytes=limit)
         return {n: models.init_arrays[n] + delta[n] for n in models.names}
     msg = unpack_chain(payload, max_payload_bytes=limit)
@@ -329,7 +328,7 @@ def train_round(
 ) -> tuple[np.ndarray, dict[str, float]]:
     t0 = time.perf_counter()
     cfg, labels = inp.cfg, inp.labels
-    spec = parse_spec(cfg.compression.uplink)
+    spec = cfg.compression.uplink_spec
     if not inp.run_id and (spec.error_feedback or cfg.distill.mutual):
         raise ClientError(
             f"the server sent no run id ({keys.RUN_ID}); error feedback and mutual distillation "

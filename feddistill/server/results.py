@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from feddistill import keys
 from feddistill.strategies import RoundTraffic
 
 SCHEMA_VERSION = 1
@@ -126,7 +127,7 @@ class RunRecord:
             entry["privacy"] = privacy
         self.rounds.append(entry)
         acc = "n/a" if entry["accuracy"] is None else f"{accuracy:.4f}"
-        fed = traffic.eval_metrics.get("eval-accuracy")
+        fed = traffic.eval_metrics.get(keys.EVAL_ACCURACY)
         fed_txt = "" if fed is None else f"  fed-acc {fed:.4f}"
         if privacy is not None:
             eps = privacy.get("epsilon")

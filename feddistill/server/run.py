@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from feddistill import __version__
+from feddistill import __version__, keys
 from feddistill.client.state import ClientState, folder_bytes
 from feddistill.client.work import distill_locally, encode_train, node_data, teacher_for_round
 from feddistill.codec import dense_float32_bytes
@@ -67,7 +67,7 @@ def local_only_accuracies(
     device = pick_device(cfg.train.device)
     accs = []
     for pid in range(cfg.data.num_clients):
-        data = node_data(cfg, labels, {"partition-id": pid})
+        data = node_data(cfg, labels, {keys.PARTITION_ID: pid})
         state = ClientState.open(data.cache_root, data.key)
         enc, t_enc = encode_train(models, data.train, cfg.data.max_length)
         teacher, logits, _ = teacher_for_round(cfg, labels, models, data, state, t_enc, device)

@@ -43,6 +43,8 @@ from typing import Any
 
 import psutil
 
+from feddistill import keys
+
 CLIENTS_PER_ROUND = 10
 EXAMPLES_PER_CLIENT = 10
 MAX_EXAMPLES = 50_000
@@ -176,7 +178,7 @@ def _init_worker(threads: int) -> None:
 def _client_task(kind: str, inp: Any, pid: int) -> None:
     from feddistill.client.work import evaluate_round, train_round
 
-    node_config = {"partition-id": pid}
+    node_config = {keys.PARTITION_ID: pid}
     if kind == "train":
         train_round(inp, node_config)
     else:
@@ -186,7 +188,6 @@ def _client_task(kind: str, inp: Any, pid: int) -> None:
 def plain_loop(flat: dict[str, Any], workers: int, threads: int) -> dict[str, Any]:
     """Every round: ``train_round`` for the sampled clients, then ``evaluate_round``."""
     from feddistill.client.work import RoundInput
-    from feddistill.codec import parse_spec
     from feddistill.codec.chain import initial_downlink
     from feddistill.config import parse_config
     from feddistill.server.run import resolve_paths
@@ -200,7 +201,7 @@ def plain_loop(flat: dict[str, Any], workers: int, threads: int) -> dict[str, An
     _, _, labels = source_splits(cfg)
     corpus_seconds = time.perf_counter() - t0
     models = initial_models(cfg, labels)
-    payload = initial_downlink(models.init_arrays, parse_spec(cfg.compression.downlink))
+    payload = initial_downlink(models.init_arrays, cfg.compression.downlink_spec)
     n, k = cfg.data.num_clients, cfg.server.num_sampled
     per_train = k(cfg.server.clients_per_round, n)
     per_eval = k(cfg.server.evaluate_clients, n)
@@ -248,7 +249,7 @@ def _simulate_once(
     results_path = Path(flat["output-dir"]) / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     rounds = results.get("rounds", [])
-    fitted = [r.get("train", {}).get("teacher-fitted") for r in rounds[1:]]
+    fitted = [r.get("train", {}).get(keys.TEACHER_FITTED) for r in rounds[1:]]
     fitted = [f for f in fitted if f is not None]
     return {
         "completed": code == 0 and len(rounds) == flat["rounds"],

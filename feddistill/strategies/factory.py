@@ -11,7 +11,6 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from feddistill.aggregation import STRATEGIES, requirement
-from feddistill.codec import parse_spec
 from feddistill.config import Config
 from feddistill.strategies.admission import AdmissionPolicy
 from feddistill.strategies.compressed import CompressedStrategy, RoundTraffic
@@ -68,8 +67,8 @@ def build_strategy(
         inner,
         schema=schema,
         initial=initial,
-        uplink=parse_spec(cfg.compression.uplink),
-        downlink=parse_spec(cfg.compression.downlink),
+        uplink=cfg.compression.uplink_spec,
+        downlink=cfg.compression.downlink_spec,
         max_payload_bytes=int(cfg.compression.max_payload_mb * 2**20),
         seed=cfg.seed,
         min_replies=cfg.server.min_replies,
