@@ -201,7 +201,7 @@ def test_shared_cache_keeps_teachers_but_not_residuals_between_scenarios(tmp_pat
     import torch
 
     from feddistill.bench.run import _drop_residuals
-    from feddistill.client.state import ClientState
+    from feddistill.node_state import ClientState
 
     state = ClientState.open(tmp_path, "partition-0-of-2")
     state.save_teacher("k", {"w": torch.ones(2)}, torch.zeros(3, 2))

@@ -22,10 +22,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 from flwr.supercore.task_identity import TaskIdentity
 
 from feddistill import keys
-from feddistill.client.state import ClientState
 from feddistill.codec import encode, parse_spec
 from feddistill.config import STRATEGIES, ConfigError, parse_config
 from feddistill.data import DataError
+from feddistill.node_state import ClientState
 from feddistill.server.checkpoint import (
     RandomStates,
     ReproducibleGrid,

@@ -149,7 +149,7 @@ def test_a_new_run_in_the_same_cache_does_not_continue_the_last_runs_residual(
     tmp_path: Path,
 ) -> None:
     # Prepare: error feedback on the uplink; run A trains round 1 in the shared cache
-    from feddistill.client.state import ClientState
+    from feddistill.node_state import ClientState
 
     cfg = tiny_config(tmp_path, **{"compression.downlink": "q8"})
     assert parse_spec(cfg.compression.uplink).error_feedback

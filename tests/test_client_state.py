@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from feddistill.client.state import ClientState, folder_bytes
+from feddistill.node_state import ClientState, folder_bytes
 
 SCHEMA = [("w", (4,))]
 
@@ -127,7 +127,7 @@ def test_concurrent_workers_tolerate_each_other(tmp_path: Path) -> None:
 
 
 def test_downlink_cache_keeps_the_newest_versions_of_its_chain(tmp_path: Path) -> None:
-    from feddistill.client.state import DownlinkCache
+    from feddistill.node_state import DownlinkCache
 
     cache = DownlinkCache.open(tmp_path)
     old = cache.root / "0000000000000000-v00000001.npz"  # an earlier run's chain, a day old

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from feddistill.client.state import ClientState, folder_bytes
 from feddistill.client.work import RoundInput, load_initial, train_round
 from feddistill.codec import parse_spec
 from feddistill.codec.chain import initial_downlink
 from feddistill.config import Config
 from feddistill.models.build import get_arrays
+from feddistill.node_state import ClientState, folder_bytes
 from feddistill.server.run import resolve_paths
 from feddistill.task import source_splits
 from tests.conftest import tiny_config

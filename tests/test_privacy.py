@@ -28,10 +28,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from feddistill import keys
 from feddistill.aggregation import STRATEGIES
-from feddistill.client.state import ClientState
 from feddistill.client.work import RoundInput, private_update
 from feddistill.codec import chunk_absmax, decode, error_bound, parse_spec
 from feddistill.config import ConfigError, PrivacyConfig
+from feddistill.node_state import ClientState
 from feddistill.privacy.accounting import (
     RoundAccountant,
     epsilon_after,

@@ -239,21 +239,10 @@ class Runner:
 
     # -- centralized -------------------------------------------------------------------------
     def _fit_central_teacher(self) -> None:
-        from feddistill.client.work import torch_seeded
-        from feddistill.distill.train import fine_tune
+        from feddistill.recipe import fit_teacher
 
         teacher = copy.deepcopy(self.models.teacher)
-        t = self.cfg.teacher
-        with torch_seeded(self.cfg.seed):
-            fine_tune(
-                teacher,
-                self.t_train,
-                epochs=t.epochs,
-                lr=t.lr,
-                batch_size=t.batch_size,
-                seed=self.cfg.seed,
-                device=self.device,
-            )
+        fit_teacher(self.cfg, teacher, self.t_train, self.device)  # the clients' recipe
         self.central_teacher = teacher
 
     def centralized_teacher(self) -> dict[str, Any]:
@@ -271,27 +260,28 @@ class Runner:
         )
 
     def centralized_student(self) -> dict[str, Any]:
-        from feddistill.client.work import torch_seeded
-        from feddistill.distill.train import distill, evaluate, predict_logits
+        from feddistill.distill.train import evaluate, predict_logits
+        from feddistill.recipe import distill_student
 
         if self.central_teacher is None:
             self._fit_central_teacher()
         logits = predict_logits(self.central_teacher, self.t_train, device=self.device)
         student = copy.deepcopy(self.models.student)
         c = self.cfg
-        with torch_seeded(c.seed):
-            distill(
-                student,
-                self.train,
-                logits,
-                epochs=self.setting.central_epochs,
-                lr=c.train.lr,
-                batch_size=c.train.batch_size,
-                alpha=c.distill.alpha,
-                temperature=c.distill.temperature,
-                seed=c.seed,
-                device=self.device,
-            )
+        # The local-only baseline's recipe (the clients' own, without the federated-only term)
+        # on the union of the clients' data.
+        distill_student(
+            c,
+            student,
+            self.train,
+            self.t_train,
+            None,
+            logits,
+            epochs=self.setting.central_epochs,
+            seed=c.seed,
+            device=self.device,
+            federated=False,
+        )
         acc = evaluate(student, self.test, device=self.device).accuracy
         return _entry(
             "centralized-student",
@@ -303,7 +293,8 @@ class Runner:
 
     # -- local-only --------------------------------------------------------------------------
     def local_only(self) -> dict[str, Any]:
-        from feddistill.server.run import local_only_accuracies, resolve_paths
+        from feddistill.recipe import local_only_accuracies
+        from feddistill.server.run import resolve_paths
 
         cfg = resolve_paths(self.cfg)
         accs = local_only_accuracies(cfg, self.labels, self.models, self.test)
@@ -373,7 +364,7 @@ class Runner:
 
 def _drop_residuals(cache_dir: Path) -> int:
     """Delete error-feedback residuals (``clients/<key>/residual-<round>.npz``, see
-    :mod:`feddistill.client.state`) left by an earlier scenario in the shared cache.
+    :mod:`feddistill.node_state`) left by an earlier scenario in the shared cache.
 
     A client first sampled in round r of a scenario would otherwise add the residual of another
     scenario's earlier round to its update. Fine-tuned teachers stay: they are the point of

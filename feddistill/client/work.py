@@ -7,13 +7,11 @@ fine-tuned (cached on disk), distill the student from it, and return the encoded
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,6 @@ import torch
 
 from feddistill import keys
 from feddistill.client import hostile
-from feddistill.client.state import ClientState, DownlinkCache
 from feddistill.codec import (
     CompressionSpec,
     PayloadError,
@@ -36,25 +33,26 @@ from feddistill.codec import Encoded as EncodedUpdate
 from feddistill.codec.chain import DIGEST_CHECK, apply_chain, unpack_chain
 from feddistill.config import Config, parse_config
 from feddistill.distill.train import (
-    Encoded,
-    TrainStats,
-    distill,
     encode_texts,
     evaluate,
-    fine_tune,
     pick_device,
-    predict_logits,
 )
 from feddistill.keys import NORM_BIT
 from feddistill.models.build import Labels, get_arrays, set_arrays
+from feddistill.node_state import ClientState, DownlinkCache
 from feddistill.privacy.mechanism import clip_to_norm
+from feddistill.recipe import (
+    NodeData,
+    distill_student,
+    encode_train,
+    partition_node,
+    teacher_for_round,
+)
 from feddistill.task import (
     InitialModels,
-    TextSplit,
     default_cache_dir,
     initial_models,
     local_file_split,
-    partition_split,
     teacher_cache_key,
 )
 
@@ -77,14 +75,6 @@ class RoundInput:
     clip_norm: float = 0.0  # privacy: this round's clip (adaptive clipping); 0: privacy.clip
 
 
-@dataclass
-class NodeData:
-    key: str
-    train: TextSplit
-    val: TextSplit
-    cache_root: Path
-
-
 def node_data(cfg: Config, labels: Labels, node_config: dict[str, Any]) -> NodeData:
     """A device reads its own ``data-path``; a simulated node its ``partition-id``."""
     cache_root = Path(str(node_config.get(keys.NODE_CACHE_DIR) or default_cache_dir(cfg)))
@@ -93,9 +83,8 @@ def node_data(cfg: Config, labels: Labels, node_config: dict[str, Any]) -> NodeD
         train, val = local_file_split(cfg, path, labels)
         key = "node-" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
     elif keys.PARTITION_ID in node_config:
-        pid = int(node_config[keys.PARTITION_ID])
-        train, val = partition_split(cfg, pid)
-        key = f"partition-{pid}-of-{cfg.data.num_clients}"
+        data = partition_node(cfg, int(node_config[keys.PARTITION_ID]), cache_root)
+        train, val, key = data.train, data.val, data.key
     else:
         raise ClientError(
             "node config has neither 'data-path' (a device's data file) nor 'partition-id' "
@@ -173,154 +162,10 @@ def received_arrays(
     return arrays
 
 
-def ensure_teacher(
-    cfg: Config,
-    labels: Labels,
-    models: InitialModels,
-    data: NodeData,
-    state: ClientState,
-    t_train: Encoded,
-    device: torch.device,
-    *,
-    mutual_run: str = "",
-) -> tuple[torch.nn.Module | None, torch.Tensor | None, bool]:
-    """(teacher, its logits on the training split, whether it was fitted now).
-
-    Without mutual distillation a cached teacher is represented by its logits alone (teacher
-    None): they are all the distillation loss needs. With it and ``mutual_run``, the teacher as
-    that run's earlier rounds left it, else (first round, or no run: the local-only baseline)
-    the fine-tuned teacher, which mutual training never overwrites (see
-    :func:`feddistill.task.teacher_cache_key`).
-    """
-    key = teacher_cache_key(cfg, labels, data.train)
-    if cfg.distill.mutual and mutual_run:
-        co_trained = state.load_teacher(
-            teacher_cache_key(cfg, labels, data.train, mutual_run=mutual_run)
-        )
-        if co_trained is not None:
-            teacher = copy.deepcopy(models.teacher)
-            teacher.load_state_dict(co_trained[0])
-            return teacher, None, False
-    if not cfg.distill.mutual:
-        logits = state.load_logits(key)
-        if logits is not None and len(logits) == len(t_train):
-            return None, logits, False  # skip loading a (possibly 90 MB) teacher every round
-    teacher = copy.deepcopy(models.teacher)
-    cached = state.load_teacher(key)
-    if cached is not None:
-        teacher.load_state_dict(cached[0])
-        logits = cached[1]
-        if logits is None and not cfg.distill.mutual:
-            logits = predict_logits(teacher, t_train, device=device)
-        return teacher, logits, False
-    with torch_seeded(cfg.seed):
-        fine_tune(
-            teacher,
-            t_train,
-            epochs=cfg.teacher.epochs,
-            lr=cfg.teacher.lr,
-            batch_size=cfg.teacher.batch_size,
-            seed=cfg.seed,
-            device=device,
-            precision=cfg.train.precision,
-        )
-    logits = None if cfg.distill.mutual else predict_logits(teacher, t_train, device=device)
-    state.save_teacher(key, {k: v.cpu() for k, v in teacher.state_dict().items()}, logits)
-    state.enforce_teacher_budget(int(cfg.cache.max_mb * 2**20))
-    return teacher, logits, True
-
-
-@contextlib.contextmanager
-def torch_seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global generator for the block only, restoring it afterwards.
-
-    Dropout draws from the global generator, whose state otherwise depends on what the worker
-    process did before (a Ray actor serves several clients; a resumed run starts fresh
-    processes): seeding makes a client's round the same in any process.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _round_seed(seed: int, server_round: int, client_key: str) -> int:
     """Stable across processes (unlike ``hash()``), distinct per client and round."""
     mix = hashlib.sha256(f"{seed}/{server_round}/{client_key}".encode()).hexdigest()
     return int(mix[:8], 16)
-
-
-def encode_train(
-    models: InitialModels, split: TextSplit, max_length: int
-) -> tuple[Encoded, Encoded]:
-    """The split tokenized for the student and for the teacher (the same object when shared)."""
-    s_enc = encode_texts(models.student_tokenizer, split.texts, split.labels, max_length)
-    if models.teacher_tokenizer is models.student_tokenizer:
-        return s_enc, s_enc
-    return s_enc, encode_texts(models.teacher_tokenizer, split.texts, split.labels, max_length)
-
-
-def teacher_for_round(
-    cfg: Config,
-    labels: Labels,
-    models: InitialModels,
-    data: NodeData,
-    state: ClientState,
-    t_train: Encoded,
-    device: torch.device,
-    *,
-    mutual_run: str = "",
-) -> tuple[torch.nn.Module | None, torch.Tensor | None, bool]:
-    """Like :func:`ensure_teacher`, but no teacher at all when the KD term has zero weight.
-
-    ``alpha = 1`` without mutual learning is plain FedAvg of the student: fine-tuning a teacher
-    and predicting its logits would be wasted work.
-    """
-    if cfg.distill.alpha >= 1.0 and not cfg.distill.mutual:
-        return None, None, False
-    return ensure_teacher(cfg, labels, models, data, state, t_train, device, mutual_run=mutual_run)
-
-
-def distill_locally(
-    cfg: Config,
-    student: torch.nn.Module,
-    s_train: Encoded,
-    t_train: Encoded,
-    teacher: torch.nn.Module | None,
-    logits: torch.Tensor | None,
-    *,
-    epochs: int,
-    seed: int,
-    device: torch.device,
-    proximal_mu: float = 0.0,
-    federated: bool = True,
-) -> TrainStats:
-    """The configured KD recipe on this node's data; seeded so any process repeats it.
-
-    ``federated=False`` (the local-only baseline) drops the not-true distillation term: its
-    starting student is the initial model, not a global one worth preserving.
-    """
-    with torch_seeded(seed):
-        return distill(
-            student,
-            s_train,
-            logits,
-            epochs=epochs,
-            lr=cfg.train.lr,
-            batch_size=cfg.train.batch_size,
-            alpha=cfg.distill.alpha,
-            temperature=cfg.distill.temperature,
-            seed=seed,
-            device=device,
-            precision=cfg.train.precision,
-            weight_decay=cfg.train.weight_decay,
-            teacher=teacher if cfg.distill.mutual else None,
-            teacher_data=t_train,
-            teacher_lr=cfg.teacher.lr,
-            proximal_mu=proximal_mu,
-            logit_adjust=cfg.distill.logit_adjust,
-            local_classes_only=cfg.distill.local_classes_only,
-            not_true_weight=cfg.distill.not_true_weight if federated else 0.0,
-        )
 
 
 def train_round(
@@ -350,7 +195,7 @@ def train_round(
     student = copy.deepcopy(models.student)
     set_arrays(student, ref)
     seed = _round_seed(cfg.seed, inp.server_round, data.key)
-    stats = distill_locally(
+    stats = distill_student(
         cfg,
         student,
         s_train,

@@ -28,7 +28,7 @@ one; clients key what they keep between rounds by it (docs/state.md).
 :class:`ReproducibleGrid` removes the two timing-dependent inputs of a round (node-id order and
 reply arrival order), so that a resumed run equals an uninterrupted one, not just resembles it.
 On the client side, error-feedback residuals are saved per run and round
-(:meth:`feddistill.client.state.ClientState.save_residual`), so a round redone after a restart
+(:meth:`feddistill.node_state.ClientState.save_residual`), so a round redone after a restart
 starts from the same residual as the first time.
 """
 

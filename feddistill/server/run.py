@@ -18,20 +18,18 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from feddistill import __version__, keys
-from feddistill.client.state import ClientState, folder_bytes
-from feddistill.client.work import distill_locally, encode_train, node_data, teacher_for_round
+from feddistill import __version__
 from feddistill.codec import dense_float32_bytes
 from feddistill.config import Config
 from feddistill.distill.train import (
-    Encoded,
     encode_texts,
-    evaluate,
     pick_device,
     torch_threads,
     usable_cores,
 )
 from feddistill.models.build import Labels, count_parameters, save_student
+from feddistill.node_state import folder_bytes
+from feddistill.recipe import local_only_accuracies
 from feddistill.server.checkpoint import ReproducibleGrid
 from feddistill.server.grids import SAMPLER, SIMULATED_PARTITIONS, private_sampling
 from feddistill.server.lifecycle import Evaluator, ServerRun
@@ -56,37 +54,6 @@ def resolve_paths(cfg: Config) -> Config:
     out = Path(cfg.output_dir).expanduser().resolve()
     cache = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
     return cfg.with_overrides({"output-dir": str(out), "cache-dir": str(cache)})
-
-
-def local_only_accuracies(
-    cfg: Config, labels: Labels, models: InitialModels, test: Encoded
-) -> list[float]:
-    """Each client's student trained on its own data only, with the same recipe (KD from its
-    own teacher) for ``server.local-only-epochs`` epochs: the floor a federation must beat.
-    """
-    device = pick_device(cfg.train.device)
-    accs = []
-    for pid in range(cfg.data.num_clients):
-        data = node_data(cfg, labels, {keys.PARTITION_ID: pid})
-        state = ClientState.open(data.cache_root, data.key)
-        enc, t_enc = encode_train(models, data.train, cfg.data.max_length)
-        teacher, logits, _ = teacher_for_round(cfg, labels, models, data, state, t_enc, device)
-        student = copy.deepcopy(models.student)
-        distill_locally(
-            cfg,
-            student,
-            enc,
-            t_enc,
-            teacher,
-            logits,
-            epochs=cfg.server.local_only_epochs,
-            seed=cfg.seed + pid,
-            device=device,
-            federated=False,
-        )
-        accs.append(evaluate(student, test, device=device).accuracy)
-        log.info("local-only student of client %d: test accuracy %.4f", pid, accs[-1])
-    return accs
 
 
 def _want_local_only(cfg: Config, simulated: bool) -> bool:
