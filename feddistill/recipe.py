@@ -72,7 +72,7 @@ def fit_teacher(
         )
 
 
-def ensure_teacher(
+def teacher_for_round(
     cfg: Config,
     labels: Labels,
     models: InitialModels,
@@ -83,7 +83,8 @@ def ensure_teacher(
     *,
     mutual_run: str = "",
 ) -> tuple[torch.nn.Module | None, torch.Tensor | None, bool]:
-    """(teacher, its logits on the training split, whether it was fitted now).
+    """(teacher, its logits on the training split, whether it was fitted now); no teacher at
+    all when the KD term has zero weight.
 
     Without mutual distillation a cached teacher is represented by its logits alone (teacher
     None): they are all the distillation loss needs. With it and ``mutual_run``, the teacher as
@@ -91,6 +92,10 @@ def ensure_teacher(
     the fine-tuned teacher, which mutual training never overwrites (see
     :func:`feddistill.task.teacher_cache_key`).
     """
+    if cfg.distill.alpha >= 1.0 and not cfg.distill.mutual:
+        # alpha = 1 without mutual learning is plain FedAvg of the student: fine-tuning a
+        # teacher and predicting its logits would be wasted work.
+        return None, None, False
     key = teacher_cache_key(cfg, labels, data.train)
     if cfg.distill.mutual and mutual_run:
         co_trained = state.load_teacher(
@@ -140,27 +145,6 @@ def encode_train(
     if models.teacher_tokenizer is models.student_tokenizer:
         return s_enc, s_enc
     return s_enc, encode_texts(models.teacher_tokenizer, split.texts, split.labels, max_length)
-
-
-def teacher_for_round(
-    cfg: Config,
-    labels: Labels,
-    models: InitialModels,
-    data: NodeData,
-    state: ClientState,
-    t_train: Encoded,
-    device: torch.device,
-    *,
-    mutual_run: str = "",
-) -> tuple[torch.nn.Module | None, torch.Tensor | None, bool]:
-    """Like :func:`ensure_teacher`, but no teacher at all when the KD term has zero weight.
-
-    ``alpha = 1`` without mutual learning is plain FedAvg of the student: fine-tuning a teacher
-    and predicting its logits would be wasted work.
-    """
-    if cfg.distill.alpha >= 1.0 and not cfg.distill.mutual:
-        return None, None, False
-    return ensure_teacher(cfg, labels, models, data, state, t_train, device, mutual_run=mutual_run)
 
 
 def distill_student(
