@@ -64,8 +64,14 @@ SIMULATE_OPTIONS: list[tuple[str, str, type, str]] = [
         "--downlink",
         "compression.downlink",
         str,
-        "downlink codec: with 'ef' a chain of deltas with server-side error feedback "
-        "(default 'topk:0.05+q4+ef'); without, 'global - initial' (e.g. 'q8', 'none')",
+        "downlink codec of each broadcast delta (default 'topk:0.05+q4'; e.g. 'q8', 'none')",
+    ),
+    (
+        "--downlink-protocol",
+        "compression.downlink-protocol",
+        str,
+        "'chain' (default): each node gets the deltas it missed, with server-side error "
+        "feedback; 'stateless': every node gets 'global - initial'",
     ),
     ("--out", "output-dir", str, "output folder (results.json, student/, checkpoints/)"),
     ("--seed", "seed", int, "random seed (data, partitions, initialization, sampling)"),
@@ -336,7 +342,7 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
         "(Ray included) and seconds per round after the first, then the same clients' work in "
         "a plain loop for the overhead ratio.",
     )
-    from feddistill.simulation import scale
+    from feddistill.bench import scale
 
     scale.add_arguments(bs)
     bs.set_defaults(func=scale.run_command)
@@ -367,7 +373,7 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_codec(args: argparse.Namespace) -> int:
-    from feddistill.codec.bench import format_codec_table, run_codec_bench
+    from feddistill.bench.codec import format_codec_table, run_codec_bench
 
     rows = run_codec_bench(numel=args.numel, repeats=args.repeats, block=args.block)
     print(json.dumps(rows) if args.json else format_codec_table(rows))

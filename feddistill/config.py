@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from feddistill.aggregation import STRATEGIES, RobustSettingError, requirement, what_works
 from feddistill.codec import CompressionSpec, parse_spec
@@ -57,7 +58,31 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
-PARTITIONINGS = ("iid", "dirichlet", "shards")
+def choices(typ: Any) -> tuple[str, ...] | None:
+    """The values of a ``Literal[...]`` field type, None for any other type."""
+    return get_args(typ) if get_origin(typ) is Literal else None
+
+
+def _check_literals(section: Any, prefix: str) -> None:
+    """Every ``Literal`` field of ``section`` holds one of its values: the choices are declared
+    once, in the field's type, and checked here for every section alike."""
+    hints = get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        allowed = choices(hints[f.name])
+        if allowed is not None:
+            key = f"{prefix}.{_key(f.name)}" if prefix else _key(f.name)
+            _check_choice(key, getattr(section, f.name), allowed)
+
+
+Partitioning = Literal["iid", "dirichlet", "shards"]
+PARTITIONINGS: tuple[str, ...] = get_args(Partitioning)
+LayerSelection = Literal["first", "every-other"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Weighting = Literal["examples", "uniform"]
+LocalOnly = Literal["auto", "on", "off"]
+NormAction = Literal["reject", "clip"]
+Mode = Literal["simulation", "deployment"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +99,7 @@ class DataConfig:
     num_classes: int = 4
     label_noise: float = 0.1
     num_clients: int = 10
-    partitioning: str = "dirichlet"
+    partitioning: Partitioning = "dirichlet"
     alpha: float = 0.5
     shards_per_client: int = 2
     val_fraction: float = 0.1
@@ -82,6 +107,7 @@ class DataConfig:
     max_length: int = 32
 
     def __post_init__(self) -> None:
+        _check_literals(self, "data")
         if not self.source:
             _fail("data.source", self.source, "'embedded', a file path, a folder or a hub name")
         _check_range("data.num-examples", self.num_examples, lo=1)
@@ -89,7 +115,6 @@ class DataConfig:
         _check_range("data.num-classes", self.num_classes, lo=2, hi=6)
         _check_range("data.label-noise", self.label_noise, lo=0, hi=0.9)
         _check_range("data.num-clients", self.num_clients, lo=1)
-        _check_choice("data.partitioning", self.partitioning, PARTITIONINGS)
         _check_range("data.alpha", self.alpha, lo=0, lo_open=True)
         _check_range("data.shards-per-client", self.shards_per_client, lo=1)
         _check_range("data.val-fraction", self.val_fraction, lo=0, hi=0.5)
@@ -113,17 +138,17 @@ class ModelConfig:
     teacher: str = "builtin:tiny"
     student: str = "derived"
     student_layers: int = 2
-    layer_selection: str = "every-other"
+    layer_selection: LayerSelection = "every-other"
     freeze_embeddings: bool = False
     freeze: str = ""
 
     def __post_init__(self) -> None:
+        _check_literals(self, "model")
         if not self.teacher:
             _fail("model.teacher", self.teacher, "a hub id, a local folder or builtin:<name>")
         if not self.student:
             _fail("model.student", self.student, "'derived', a hub id, a folder or builtin:<name>")
         _check_range("model.student-layers", self.student_layers, lo=1, hi=48)
-        _check_choice("model.layer-selection", self.layer_selection, ("first", "every-other"))
         try:
             re.compile(self.freeze)
         except re.error as exc:
@@ -175,16 +200,15 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 8
     weight_decay: float = 0.0
-    device: str = "auto"
-    precision: str = "fp32"
+    device: Device = "auto"
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
+        _check_literals(self, "train")
         _check_range("train.local-epochs", self.local_epochs, lo=1, hi=1000)
         _check_range("train.lr", self.lr, lo=0, lo_open=True, hi=1.0)
         _check_range("train.batch-size", self.batch_size, lo=1)
         _check_range("train.weight-decay", self.weight_decay, lo=0, hi=1.0)
-        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
 
 
 @dataclass(frozen=True)
@@ -229,18 +253,18 @@ class ServerConfig:
     trim_beta: float = 0.2
     num_malicious: int = 1
     multikrum_select: int = 0
-    local_only: str = "auto"
+    local_only: LocalOnly = "auto"
     local_only_epochs: int = 10
-    weighting: str = "examples"
+    weighting: Weighting = "examples"
     average_last: float = 0.25
     max_examples_factor: float = 10.0
     max_update_norm_ratio: float = 5.0
     max_update_norm: float = 0.0
-    update_norm_action: str = "reject"
+    update_norm_action: NormAction = "reject"
 
     def __post_init__(self) -> None:
+        _check_literals(self, "server")
         _check_choice("server.strategy", self.strategy, tuple(STRATEGIES))
-        _check_choice("server.weighting", self.weighting, ("examples", "uniform"))
         for key, value in (
             ("server.clients-per-round", self.clients_per_round),
             ("server.evaluate-clients", self.evaluate_clients),
@@ -266,7 +290,6 @@ class ServerConfig:
         except RobustSettingError as err:
             msg = f"invalid config server.strategy = {self.strategy!r}: {err}"
             raise ConfigError(msg) from None
-        _check_choice("server.local-only", self.local_only, ("auto", "on", "off"))
         _check_range("server.local-only-epochs", self.local_only_epochs, lo=1, hi=10_000)
         _check_range("server.average-last", self.average_last, lo=0, hi=100_000)
         for key, value in (
@@ -277,7 +300,6 @@ class ServerConfig:
             if 0 < value < 1:
                 _fail(key, value, "0 (off) or a factor >= 1 (below 1 refuses typical replies)")
         _check_range("server.max-update-norm", self.max_update_norm, lo=0)
-        _check_choice("server.update-norm-action", self.update_norm_action, ("reject", "clip"))
         if self.average_last >= 1 and self.average_last != int(self.average_last):
             _fail(
                 "server.average-last",
@@ -291,9 +313,13 @@ class ServerConfig:
         return max(1, min(count, num_clients))
 
 
+DownlinkProtocol = Literal["chain", "stateless"]
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
-    """Codec specs for each direction; grammar in :func:`feddistill.codec.parse_spec`.
+    """Codec specs for each direction (grammar in :func:`feddistill.codec.parse_spec`) and how
+    the broadcast travels.
 
     Defaults: clients send the top 1% of each tensor of their update, 4-bit with per-chunk
     scales, keeping what was dropped for the next round (error feedback); the server sends the
@@ -301,24 +327,58 @@ class CompressionConfig:
     feedback. Five clients' 1% uplinks cover up to 5% of the weights, so a 5% downlink keeps up
     with them; at 1-2% the broadcast model lagged the global and accuracy dropped
     (docs/history.md, format-1 tables).
+
+    ``downlink_protocol``: ``chain`` sends each node the compressed deltas it missed (server-side
+    error feedback keeps what a delta left out for the next one; nodes hold the versions they
+    have); ``stateless`` sends every node ``encode(global - initial)``, which any node can apply
+    with nothing kept, at the price of losing what a pruned spec drops. Before this key the
+    protocol was read from an ``ef`` token in the downlink spec; that spelling still reads as
+    ``chain`` with a logged deprecation note and is rewritten without the token.
     """
 
     uplink: str = "topk:0.01+q4+ef"
-    downlink: str = "topk:0.05+q4+ef"
+    downlink: str = "topk:0.05+q4"
+    downlink_protocol: DownlinkProtocol = "chain"
     max_payload_mb: float = 512.0
 
     def __post_init__(self) -> None:
+        _check_literals(self, "compression")
+        specs = {}
         for name, key, text in (
-            ("_uplink_spec", "compression.uplink", self.uplink),
-            ("_downlink_spec", "compression.downlink", self.downlink),
+            ("uplink", "compression.uplink", self.uplink),
+            ("downlink", "compression.downlink", self.downlink),
         ):
             try:
-                spec = parse_spec(text)
+                specs[name] = parse_spec(text)
             except ValueError as err:
                 raise ConfigError(f"invalid config {key} = {text!r}: {err}") from None
-            # Parsed once, here; not a dataclass field, so the flat config keeps the text.
-            object.__setattr__(self, name, spec)
+        down = specs["downlink"]
+        if down.error_feedback:
+            plain = dataclasses.replace(down, error_feedback=False)
+            if self.downlink_protocol != "chain":
+                raise ConfigError(
+                    f"invalid config compression.downlink = {self.downlink!r} with "
+                    f"compression.downlink-protocol = {self.downlink_protocol!r}: on the "
+                    "downlink `ef` was the old way to ask for the chained protocol; write "
+                    f"compression.downlink = {plain.to_string()!r} (the protocol is its own key)"
+                )
+            logging.getLogger("feddistill").warning(
+                f"compression.downlink = {self.downlink!r}: the `ef` token no longer selects "
+                "the chained downlink; write compression.downlink = "
+                f"{plain.to_string()!r} and compression.downlink-protocol = 'chain' (the "
+                "default). Read as that (deprecated spelling).",
+            )
+            down = plain
+            object.__setattr__(self, "downlink", plain.to_string())
+        # Parsed once, here; not dataclass fields, so the flat config keeps the text.
+        object.__setattr__(self, "_uplink_spec", specs["uplink"])
+        object.__setattr__(self, "_downlink_spec", down)
         _check_range("compression.max-payload-mb", self.max_payload_mb, lo=0, lo_open=True)
+
+    @property
+    def chained(self) -> bool:
+        """The downlink is a chain of deltas (``downlink_protocol = "chain"``)."""
+        return self.downlink_protocol == "chain"
 
     @property
     def uplink_spec(self) -> CompressionSpec:
@@ -346,7 +406,8 @@ class CacheConfig:
         _check_range("cache.max-mb", self.max_mb, lo=0)
 
 
-PRIVACY_MODES = ("none", "central")
+PrivacyMode = Literal["none", "central"]
+PRIVACY_MODES: tuple[str, ...] = get_args(PrivacyMode)
 
 
 @dataclass(frozen=True)
@@ -364,7 +425,7 @@ class PrivacyConfig:
     expected clients per round / 20, the paper's choice).
     """
 
-    mode: str = "none"
+    mode: PrivacyMode = "none"
     clip: float = 1.0
     adaptive_clip: bool = False
     target_quantile: float = 0.5
@@ -375,7 +436,7 @@ class PrivacyConfig:
     delta: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_choice("privacy.mode", self.mode, PRIVACY_MODES)
+        _check_literals(self, "privacy")
         _check_range("privacy.clip", self.clip, lo=0, lo_open=True)
         _check_range("privacy.target-quantile", self.target_quantile, lo=0, hi=1)
         _check_range("privacy.clip-lr", self.clip_lr, lo=0, lo_open=True, hi=10)
@@ -398,7 +459,8 @@ class PrivacyConfig:
         return self.mode != "none"
 
 
-TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")
+TrackingBackend = Literal["none", "tensorboard", "mlflow"]
+TRACKING_BACKENDS: tuple[str, ...] = get_args(TrackingBackend)
 
 
 @dataclass(frozen=True)
@@ -412,17 +474,17 @@ class TrackingConfig:
     too and need no tracking package.
     """
 
-    backend: str = "none"
+    backend: TrackingBackend = "none"
     uri: str = ""
     experiment: str = "feddistill"
 
     def __post_init__(self) -> None:
-        _check_choice("tracking.backend", self.backend, TRACKING_BACKENDS)
+        _check_literals(self, "tracking")
         if not self.experiment.strip():
             _fail("tracking.experiment", self.experiment, "a non-empty experiment name")
 
 
-ATTACK_KINDS = (
+AttackKind = Literal[
     "none",
     "sign-flip",
     "scale",
@@ -434,7 +496,8 @@ ATTACK_KINDS = (
     "missing-metric",
     "inflate-examples",
     "replay",
-)
+]
+ATTACK_KINDS: tuple[str, ...] = get_args(AttackKind)
 
 
 @dataclass(frozen=True)
@@ -448,7 +511,7 @@ class AttackConfig:
     (``inflate-examples``). With ``kind = "none"`` (the default) nothing here runs at all.
     """
 
-    kind: str = "none"
+    kind: AttackKind = "none"
     fraction: float = 0.0
     scale: float = 100.0
     noise_std: float = 1.0
@@ -456,7 +519,7 @@ class AttackConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("attack.kind", self.kind, ATTACK_KINDS)
+        _check_literals(self, "attack")
         _check_range("attack.fraction", self.fraction, lo=0, hi=1)
         _check_range("attack.scale", self.scale, lo=-1e30, hi=1e30)
         _check_range("attack.noise-std", self.noise_std, lo=0, hi=1e30)
@@ -479,7 +542,7 @@ class Config:
 
     rounds: int = 30
     seed: int = 0
-    mode: str = "simulation"
+    mode: Mode = "simulation"
     output_dir: str = "feddistill-out"
     cache_dir: str = ""
     checkpoints: bool = True
@@ -499,7 +562,7 @@ class Config:
     def __post_init__(self) -> None:
         _check_range("rounds", self.rounds, lo=1, hi=100_000)
         _check_range("seed", self.seed, lo=0)
-        _check_choice("mode", self.mode, ("simulation", "deployment"))
+        _check_literals(self, "")
         if not self.output_dir:
             _fail("output-dir", self.output_dir, "a folder path")
         if self.mode == "deployment" and self.attack.kind != "none":
@@ -597,7 +660,9 @@ _SCALARS: dict[type, tuple[type, ...]] = {
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if choices(typ) is not None:
+        typ = str  # which string is checked by the section (_check_literals)
     # bool is an int subclass: refuse `rounds = true` and `distill.mutual = 1` alike.
     ok = isinstance(value, _SCALARS[typ]) and (typ is bool or not isinstance(value, bool))
     if not ok:
@@ -626,6 +691,19 @@ def parse_config(flat: Mapping[str, Any]) -> Config:
     """Parse a flat run config; unknown keys, wrong types and bad values raise ConfigError."""
     remaining = dict(flat)
     config = _build(Config, remaining, "")
+    down = flat.get("compression.downlink")
+    if (
+        isinstance(down, str)
+        and "compression.downlink-protocol" not in flat
+        and down == config.compression.downlink  # `+ef` was already read (and noted) as chain
+    ):
+        logging.getLogger("feddistill").warning(
+            "compression.downlink = %r goes out as a chain of deltas "
+            "(compression.downlink-protocol = 'chain', the default); before that key existed a "
+            "downlink spec without `ef` meant the stateless protocol: set "
+            "compression.downlink-protocol = 'stateless' for it",
+            down,
+        )
     if remaining:
         key = sorted(remaining)[0]
         close = difflib.get_close_matches(key, known_keys(), n=3)
@@ -725,8 +803,10 @@ DESCRIPTIONS: dict[str, str] = {
     "server.average-last": "output = average of the last rounds' globals: fraction of "
     "`rounds`, a count, or 0 for the last global",
     "compression.uplink": "codec spec of client updates (docs/compression.md)",
-    "compression.downlink": "codec spec of the broadcast; with `ef` a chain of deltas with "
-    "server-side error feedback",
+    "compression.downlink": "codec spec of the broadcast (each delta of the chain, or "
+    "`global - initial` when stateless)",
+    "compression.downlink-protocol": "`chain`: each node gets the compressed deltas it missed, "
+    "with server-side error feedback; `stateless`: every node gets `global - initial`",
     "compression.max-payload-mb": "largest payload decoded; longer replies are refused",
     "cache.max-mb": "bound on cached teachers per node folder, LRU eviction (0 = unbounded)",
     "tracking.backend": "experiment tracking: `none`, `tensorboard` or `mlflow` (docs/tracking.md)",

@@ -17,9 +17,24 @@ from pathlib import Path
 import torch
 
 from feddistill.config import Config
+from feddistill.distill.terms import (
+    Distillation,
+    FixedTeacher,
+    LocalClasses,
+    LogitAdjustment,
+    MutualTeacher,
+    NotTrueDistillation,
+    Objective,
+    Proximal,
+    SelfTargets,
+    TeacherSource,
+    Term,
+    Transform,
+)
 from feddistill.distill.train import (
-    Encoded,
-    TrainStats,
+    Loop,
+    Stats,
+    Tokenized,
     distill,
     encode_texts,
     evaluate,
@@ -29,7 +44,7 @@ from feddistill.distill.train import (
 )
 from feddistill.models.build import Labels
 from feddistill.node_state import ClientState
-from feddistill.task import (
+from feddistill.run_inputs import (
     InitialModels,
     TextSplit,
     default_cache_dir,
@@ -56,20 +71,12 @@ def partition_node(cfg: Config, pid: int, cache_root: Path | None = None) -> Nod
 
 
 def fit_teacher(
-    cfg: Config, teacher: torch.nn.Module, t_train: Encoded, device: torch.device
+    cfg: Config, teacher: torch.nn.Module, t_train: Tokenized, device: torch.device
 ) -> None:
     """The teacher recipe (``teacher.*``), seeded: every node and the centralized reference."""
     with torch_seeded(cfg.seed):
-        fine_tune(
-            teacher,
-            t_train,
-            epochs=cfg.teacher.epochs,
-            lr=cfg.teacher.lr,
-            batch_size=cfg.teacher.batch_size,
-            seed=cfg.seed,
-            device=device,
-            precision=cfg.train.precision,
-        )
+        loop = Loop(cfg.teacher.epochs, cfg.teacher.lr, cfg.teacher.batch_size, cfg.seed)
+        fine_tune(teacher, t_train, loop, device=device, precision=cfg.train.precision)
 
 
 def teacher_for_round(
@@ -78,7 +85,7 @@ def teacher_for_round(
     models: InitialModels,
     data: NodeData,
     state: ClientState,
-    t_train: Encoded,
+    t_train: Tokenized,
     device: torch.device,
     *,
     mutual_run: str = "",
@@ -90,7 +97,7 @@ def teacher_for_round(
     None): they are all the distillation loss needs. With it and ``mutual_run``, the teacher as
     that run's earlier rounds left it, else (first round, or no run: the local-only baseline)
     the fine-tuned teacher, which mutual training never overwrites (see
-    :func:`feddistill.task.teacher_cache_key`).
+    :func:`feddistill.run_inputs.teacher_cache_key`).
     """
     if cfg.distill.alpha >= 1.0 and not cfg.distill.mutual:
         # alpha = 1 without mutual learning is plain FedAvg of the student: fine-tuning a
@@ -139,7 +146,7 @@ def torch_seeded(seed: int) -> Iterator[None]:
 
 def encode_train(
     models: InitialModels, split: TextSplit, max_length: int
-) -> tuple[Encoded, Encoded]:
+) -> tuple[Tokenized, Tokenized]:
     """The split tokenized for the student and for the teacher (the same object when shared)."""
     s_enc = encode_texts(models.student_tokenizer, split.texts, split.labels, max_length)
     if models.teacher_tokenizer is models.student_tokenizer:
@@ -147,11 +154,44 @@ def encode_train(
     return s_enc, encode_texts(models.teacher_tokenizer, split.texts, split.labels, max_length)
 
 
+def objective(
+    cfg: Config,
+    teacher: torch.nn.Module | None,
+    logits: torch.Tensor | None,
+    t_train: Tokenized,
+    *,
+    proximal_mu: float = 0.0,
+    federated: bool = True,
+) -> Objective:
+    """The configured KD objective (``distill.*``): one line per term or transform.
+
+    ``federated=False`` (the local-only baseline) drops the not-true distillation term: its
+    starting student is the initial model, not a global one worth preserving.
+    """
+    d = cfg.distill
+    source: TeacherSource = SelfTargets()
+    if d.mutual and teacher is not None:
+        source = MutualTeacher(teacher, t_train, cfg.teacher.lr, d.alpha, d.temperature)
+    elif logits is not None:
+        source = FixedTeacher(logits)
+    transforms: list[Transform] = []
+    if d.logit_adjust > 0:
+        transforms.append(LogitAdjustment(d.logit_adjust))
+    if d.local_classes_only:
+        transforms.append(LocalClasses())
+    terms: list[Term] = [Distillation(d.alpha, d.temperature)]
+    if federated and d.not_true_weight > 0:
+        terms.append(NotTrueDistillation(d.not_true_weight, d.temperature))
+    if proximal_mu > 0:
+        terms.append(Proximal(proximal_mu))
+    return Objective(terms, transforms, source)
+
+
 def distill_student(
     cfg: Config,
     student: torch.nn.Module,
-    s_train: Encoded,
-    t_train: Encoded,
+    s_train: Tokenized,
+    t_train: Tokenized,
     teacher: torch.nn.Module | None,
     logits: torch.Tensor | None,
     *,
@@ -160,38 +200,17 @@ def distill_student(
     device: torch.device,
     proximal_mu: float = 0.0,
     federated: bool = True,
-) -> TrainStats:
-    """The configured KD recipe on this node's data; seeded so any process repeats it.
-
-    ``federated=False`` (the local-only baseline) drops the not-true distillation term: its
-    starting student is the initial model, not a global one worth preserving.
-    """
+) -> Stats:
+    """The configured KD recipe on this node's data; seeded so any process repeats it."""
+    goal = objective(cfg, teacher, logits, t_train, proximal_mu=proximal_mu, federated=federated)
+    t = cfg.train
+    loop = Loop(epochs, t.lr, t.batch_size, seed, t.weight_decay)
     with torch_seeded(seed):
-        return distill(
-            student,
-            s_train,
-            logits,
-            epochs=epochs,
-            lr=cfg.train.lr,
-            batch_size=cfg.train.batch_size,
-            alpha=cfg.distill.alpha,
-            temperature=cfg.distill.temperature,
-            seed=seed,
-            device=device,
-            precision=cfg.train.precision,
-            weight_decay=cfg.train.weight_decay,
-            teacher=teacher if cfg.distill.mutual else None,
-            teacher_data=t_train,
-            teacher_lr=cfg.teacher.lr,
-            proximal_mu=proximal_mu,
-            logit_adjust=cfg.distill.logit_adjust,
-            local_classes_only=cfg.distill.local_classes_only,
-            not_true_weight=cfg.distill.not_true_weight if federated else 0.0,
-        )
+        return distill(student, s_train, goal, loop, device=device, precision=t.precision)
 
 
 def local_only_accuracies(
-    cfg: Config, labels: Labels, models: InitialModels, test: Encoded
+    cfg: Config, labels: Labels, models: InitialModels, test: Tokenized
 ) -> list[float]:
     """Each client's student trained on its own data only, with the same recipe (KD from its
     own teacher) for ``server.local-only-epochs`` epochs: the floor a federation must beat.

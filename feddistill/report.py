@@ -137,7 +137,8 @@ def _setting(results: dict[str, Any]) -> dict[str, str]:
         # 2.0 clients per round as 2, a fraction as 0.1
         "per_round": f"{per_round:g}" if isinstance(per_round, int | float) else "?",
         "uplink": str(config.get("compression.uplink", "?")),
-        "downlink": str(config.get("compression.downlink", "?")),
+        "downlink": str(config.get("compression.downlink", "?"))
+        + (f" ({protocol})" if (protocol := config.get("compression.downlink-protocol")) else ""),
     }
 
 

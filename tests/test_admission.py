@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from feddistill import keys
 from feddistill.codec import encode, max_encoded_bytes, parse_spec
+from feddistill.records import metric_record, payload_record
 from feddistill.server.results import RunRecord
 from feddistill.strategies import CompressedStrategy
 from feddistill.strategies.admission import (
@@ -39,7 +40,6 @@ from feddistill.strategies.admission import (
     update_norm,
 )
 from feddistill.strategies.compressed import FLAT
-from feddistill.wire import metric_record, payload_record
 
 # The encoder tests finiteness by a sum first, which overflows (and warns) on the huge finite
 # values these tests send on purpose.

@@ -11,7 +11,7 @@ from feddistill import attacks
 from feddistill.client.work import RoundInput, train_round
 from feddistill.codec import decode, encode, parse_spec
 from feddistill.config import ConfigError, parse_config
-from feddistill.task import initial_models, source_splits
+from feddistill.run_inputs import initial_models, source_splits
 from tests.conftest import tiny_config
 
 
@@ -157,7 +157,12 @@ def test_default_config_has_no_active_attack() -> None:
 
 def _train(tmp_path: Path, partition: int, **overrides: object) -> np.ndarray:
     """One round of partition ``partition`` on a tiny stateless-protocol config."""
-    flat = {"compression.uplink": "none", "compression.downlink": "q8", **overrides}
+    flat = {
+        "compression.uplink": "none",
+        "compression.downlink": "q8",
+        "compression.downlink-protocol": "stateless",
+        **overrides,
+    }
     cfg = tiny_config(tmp_path, **{"cache-dir": str(tmp_path / "cache"), **flat})
     _, _, labels = source_splits(cfg)
     models = initial_models(cfg, labels)

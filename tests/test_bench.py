@@ -10,11 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feddistill.bench import BenchSetting, dense_exchange_bytes, run_bench
 from feddistill.bench.cli import add_arguments, setting_from_args
 from feddistill.bench.report import format_table
-from feddistill.bench.spec import ALL_SCENARIOS, BERT_FFN, DEFAULT_SCENARIOS, FEDERATED, QUICK
-from feddistill.bench.wirecost import trainable_arrays
+from feddistill.bench.run import run_bench
+from feddistill.bench.spec import (
+    ALL_SCENARIOS,
+    BERT_FFN,
+    DEFAULT_SCENARIOS,
+    FEDERATED,
+    QUICK,
+    BenchSetting,
+)
+from feddistill.bench.wirecost import dense_exchange_bytes, trainable_arrays
 from feddistill.data import make_corpus
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

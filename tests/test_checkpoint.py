@@ -26,6 +26,8 @@ from feddistill.codec import encode, parse_spec
 from feddistill.config import STRATEGIES, ConfigError, parse_config
 from feddistill.data import DataError
 from feddistill.node_state import ClientState
+from feddistill.records import payload_record
+from feddistill.run_inputs import parse_labels
 from feddistill.server.checkpoint import (
     RandomStates,
     ReproducibleGrid,
@@ -40,8 +42,6 @@ from feddistill.server.grids import SAMPLER
 from feddistill.server.results import RunRecord
 from feddistill.strategies import CompressedStrategy
 from feddistill.strategies.state import load_strategy_state_dict
-from feddistill.task import parse_labels
-from feddistill.wire import payload_record
 
 SCHEMA = [("layer.weight", (3, 4)), ("layer.bias", (3,))]
 
@@ -78,9 +78,11 @@ def _resume(state: ServerState, cfg, strategy: CompressedStrategy, record: RunRe
 def _wrapper(
     inner: Strategy, initial: dict[str, np.ndarray], downlink: str = "none"
 ) -> CompressedStrategy:
+    """``downlink`` ``"chain:SPEC"`` is the chained protocol with deltas coded by SPEC."""
+    spec = downlink.removeprefix("chain:")
     return CompressedStrategy(
         inner, schema=SCHEMA, initial=initial, uplink=parse_spec("none"),
-        downlink=parse_spec(downlink), max_payload_bytes=1 << 20,
+        downlink=parse_spec(spec), max_payload_bytes=1 << 20, chained=spec != downlink,
     )  # fmt: skip
 
 
@@ -108,7 +110,7 @@ def _round(wrapper: CompressedStrategy, r: int, arrays: ArrayRecord, rng, nodes=
     [lambda: FedAdam(eta=0.1), lambda: FedAvgM(server_learning_rate=0.5, server_momentum=0.9)],
     ids=["fedadam", "fedavgm"],
 )
-@pytest.mark.parametrize("downlink", ["none", "topk:0.3+q8+ef"], ids=["stateless", "chained"])
+@pytest.mark.parametrize("downlink", ["none", "chain:topk:0.3+q8"], ids=["stateless", "chained"])
 def test_restored_strategy_continues_like_the_original(
     make_inner, downlink: str, tmp_path: Path
 ) -> None:
@@ -285,7 +287,7 @@ def test_every_offered_strategy_resumes_bit_for_bit(name: str, tmp_path: Path) -
     cfg = parse_config({"server.strategy": name, "server.clients-per-round": len(NODES)})
     rng = np.random.default_rng(5)
     initial = _arrays(rng)
-    original = _wrapper(inner_strategy(cfg, len(NODES)), initial, "topk:0.3+q8+ef")
+    original = _wrapper(inner_strategy(cfg, len(NODES)), initial, "chain:topk:0.3+q8")
     arrays = ArrayRecord({n: Array(a) for n, a in initial.items()})
     for r in (1, 2):
         arrays = _round(original, r, arrays, rng, NODES)[1]
@@ -300,7 +302,7 @@ def test_every_offered_strategy_resumes_bit_for_bit(name: str, tmp_path: Path) -
     # Execute: a freshly built wrapper restored from the file; round 3 on both
     state = load_state(state_path(tmp_path))
     assert state is not None
-    resumed = _wrapper(inner_strategy(cfg, len(NODES)), initial, "topk:0.3+q8+ef")
+    resumed = _wrapper(inner_strategy(cfg, len(NODES)), initial, "chain:topk:0.3+q8")
     _resume(state, cfg.with_overrides({"resume": True}), resumed, record)
     restored = ArrayRecord({n: Array(a) for n, a in state.global_arrays.items()})
     _, want = _round(original, 3, arrays, np.random.default_rng(1), NODES)

@@ -13,14 +13,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from feddistill import keys
 from feddistill.client.app import train
 from feddistill.codec import PayloadError, encode, parse_spec
-from feddistill.task import initial_models, source_splits
-from feddistill.wire import (
+from feddistill.records import (
     MAX_RUN_CONFIG_BYTES,
     pack_run_config,
     payload_record,
     server_config,
     unpack_run_config,
 )
+from feddistill.run_inputs import initial_models, source_splits
 from tests.conftest import tiny_config
 
 
@@ -59,7 +59,9 @@ def _context(tmp_path: Path, cache: Path | None = None) -> Context:
 
 
 def test_valid_downlink_trains_and_tampered_downlink_is_refused(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, **{"compression.downlink": "q8"})  # the stateless protocol
+    cfg = tiny_config(
+        tmp_path, **{"compression.downlink": "q8", "compression.downlink-protocol": "stateless"}
+    )  # the stateless protocol
     _, _, labels = source_splits(cfg)
     models = initial_models(cfg, labels)
     zero = {n: np.zeros_like(a) for n, a in models.init_arrays.items()}
@@ -85,7 +87,7 @@ def test_valid_downlink_trains_and_tampered_downlink_is_refused(tmp_path: Path) 
 def test_tampered_or_unusable_chained_downlink_is_refused(tmp_path: Path) -> None:
     from feddistill.codec.chain import ChainSender
 
-    cfg = tiny_config(tmp_path, **{"compression.downlink": "topk:0.1+q8+ef"})
+    cfg = tiny_config(tmp_path, **{"compression.downlink": "topk:0.1+q8"})
     _, _, labels = source_splits(cfg)
     models = initial_models(cfg, labels)
     sender = ChainSender(models.init_arrays, parse_spec(cfg.compression.downlink), chain=b"c" * 8)
@@ -151,7 +153,9 @@ def test_a_new_run_in_the_same_cache_does_not_continue_the_last_runs_residual(
     # Prepare: error feedback on the uplink; run A trains round 1 in the shared cache
     from feddistill.node_state import ClientState
 
-    cfg = tiny_config(tmp_path, **{"compression.downlink": "q8"})
+    cfg = tiny_config(
+        tmp_path, **{"compression.downlink": "q8", "compression.downlink-protocol": "stateless"}
+    )
     assert parse_spec(cfg.compression.uplink).error_feedback
     _, _, labels = source_splits(cfg)
     models = initial_models(cfg, labels)
@@ -179,7 +183,7 @@ def test_a_new_run_in_the_same_cache_does_not_continue_the_last_runs_residual(
 
 
 def test_teacher_cache_key_holds_precision_and_mutual_training(tmp_path: Path) -> None:
-    from feddistill.task import partition_split, teacher_cache_key
+    from feddistill.run_inputs import partition_split, teacher_cache_key
 
     cfg = tiny_config(tmp_path)
     _, _, labels = source_splits(cfg)
@@ -199,7 +203,14 @@ def test_teacher_cache_key_holds_precision_and_mutual_training(tmp_path: Path) -
 @pytest.mark.slow  # four client rounds of a tiny model
 def test_mutual_distillation_never_overwrites_the_fine_tuned_teacher(tmp_path: Path) -> None:
     # Prepare: a plain round fine-tunes and caches the teacher
-    plain = tiny_config(tmp_path, **{"compression.uplink": "q8", "compression.downlink": "q8"})
+    plain = tiny_config(
+        tmp_path,
+        **{
+            "compression.uplink": "q8",
+            "compression.downlink": "q8",
+            "compression.downlink-protocol": "stateless",
+        },
+    )
     mutual = plain.with_overrides({"distill.mutual": True})
     _, _, labels = source_splits(plain)
     models = initial_models(plain, labels)

@@ -89,3 +89,63 @@ def test_compression_specs_are_parsed_once_and_the_flat_config_keeps_their_text(
     assert again == cfg and again.compression.uplink_spec == cfg.compression.uplink_spec
     moved = cfg.with_overrides({"compression.uplink": "none"})
     assert moved.compression.uplink_spec == parse_spec("none")
+
+
+def test_the_downlink_protocol_is_its_own_key_and_the_old_ef_spelling_still_reads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from feddistill.codec import parse_spec
+
+    assert Config().compression.chained and not Config().compression.downlink_spec.error_feedback
+    stateless = parse_config(
+        {"compression.downlink": "q8", "compression.downlink-protocol": "stateless"}
+    )
+    assert not stateless.compression.chained
+    # the old spelling: read as the chain, rewritten without the token, with a note saying so
+    with caplog.at_level("WARNING", logger="feddistill"):
+        old = parse_config({"compression.downlink": "topk:0.05+q4+ef"})
+    assert old == Config() and old.to_flat()["compression.downlink"] == "topk:0.05+q4"
+    assert "compression.downlink-protocol = 'chain'" in caplog.text
+    assert old.compression.downlink_spec == parse_spec("topk:0.05+q4")
+    # `ef` with the stateless protocol contradicts itself: refused, saying what to write
+    with pytest.raises(ConfigError, match=r"write compression.downlink = 'q8'"):
+        parse_config(
+            {"compression.downlink": "q8+ef", "compression.downlink-protocol": "stateless"}
+        )
+
+
+def test_a_downlink_spec_without_a_protocol_notes_that_the_meaning_changed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="feddistill"):
+        parse_config({"compression.downlink": "q8"})
+    assert "meant the stateless protocol" in caplog.text
+    flat = parse_config({"compression.downlink": "q8"}).to_flat()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="feddistill"):  # the flat form a client gets: quiet
+        parse_config(flat)
+        parse_config({"compression.downlink": "q8", "compression.downlink-protocol": "chain"})
+    assert caplog.text == ""
+
+
+def test_choices_are_declared_once_as_literal_types_and_checked_alike() -> None:
+    import dataclasses
+    from typing import get_type_hints
+
+    from feddistill.config import TrainConfig, choices
+
+    for key, value in (
+        ("train.precision", "fp8"),
+        ("train.device", "tpu"),
+        ("data.partitioning", "zipf"),
+        ("server.local-only", "maybe"),
+        ("compression.downlink-protocol", "push"),
+        ("mode", "cloud"),
+    ):
+        with pytest.raises(ConfigError, match=f"invalid config {key} = '{value}': expected one"):
+            parse_config({key: value})
+    with pytest.raises(ConfigError, match=r"train\.precision"):  # built directly, checked too
+        TrainConfig(precision="fp8")  # type: ignore[arg-type]
+    hints = get_type_hints(TrainConfig)
+    fields = {f.name: choices(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
+    assert fields["precision"] == ("fp32", "bf16", "fp16") and fields["lr"] is None

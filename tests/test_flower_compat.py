@@ -228,7 +228,7 @@ def test_lent_task_identity_is_given_back() -> None:
 def test_byte_counting_walks_the_same_objects_as_flower() -> None:
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from feddistill.wire import nested_objects
+    from feddistill.records import nested_objects
 
     shared = Array(np.arange(12, dtype=np.float32))
     content = RecordDict(
@@ -347,7 +347,7 @@ def test_the_client_app_does_not_import_the_boundary() -> None:
         parts = module.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # its packages' __init__
         todo += sorted(_module_level_imports(path))
-    assert "feddistill.wire" in seen
+    assert "feddistill.records" in seen
     assert "feddistill.flower_compat" not in seen
 
 

@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 
 from feddistill import keys
 from feddistill.client import app as real_client
-from feddistill.wire import payload_record
+from feddistill.records import payload_record
 from tests.conftest import simulate_with, tiny_config
 
 garbage_app = ClientApp()
@@ -36,6 +36,7 @@ def test_round_completes_without_the_garbage_client(tmp_path: Path) -> None:
         **{
             "compression.uplink": "topk:0.1+q4+ef",
             "compression.downlink": "q8",
+            "compression.downlink-protocol": "stateless",
             "server.local-only": "off",
         },
     )

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from feddistill.client.work import RoundInput, evaluate_round, load_initial, train_round
-from feddistill.codec import parse_spec
 from feddistill.codec.chain import initial_downlink
+from feddistill.run_inputs import source_splits
 from feddistill.server.run import resolve_paths
-from feddistill.task import source_splits
 from tests.conftest import tiny_config
 
 pytestmark = [
@@ -35,7 +34,9 @@ def test_client_round_on_cuda_in_bf16_leaves_no_gpu_memory_behind(tmp_path: Path
     )
     _, _, labels = source_splits(cfg)
     models = load_initial(cfg, labels, "")
-    payload = initial_downlink(models.init_arrays, parse_spec(cfg.compression.downlink))
+    payload = initial_downlink(
+        models.init_arrays, cfg.compression.downlink_spec, chained=cfg.compression.chained
+    )
     torch.cuda.reset_peak_memory_stats()
 
     # Execute: two clients in a row, as one worker serves them

@@ -20,7 +20,7 @@ from feddistill import keys
 from feddistill.client import app as real_client
 from feddistill.client.work import load_initial
 from feddistill.codec import encode, parse_spec
-from feddistill.wire import payload_record
+from feddistill.records import payload_record
 from tests.conftest import simulate_with, tiny_config
 
 hostile_app = ClientApp()
@@ -58,6 +58,7 @@ def test_rounds_complete_and_the_model_stays_finite(tmp_path: Path) -> None:
         **{
             "compression.uplink": "topk:0.1+q4+ef",
             "compression.downlink": "q8",
+            "compression.downlink-protocol": "stateless",
             "server.local-only": "off",
             "server.round-timeout": 900.0,  # round 1 fine-tunes teachers; this machine is shared
         },

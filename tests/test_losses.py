@@ -1,4 +1,4 @@
-"""KD loss: matches a hand computation, masks padding, validates T and alpha."""
+"""KD loss: matches a hand computation, leaves unlabelled rows out, validates T and alpha."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from feddistill.distill.losses import (
     KDLoss,
+    cross_entropy,
     kd_objective,
     not_true_kd,
     present_classes,
@@ -46,20 +47,40 @@ def test_identical_logits_give_zero_kd() -> None:
     assert KDLoss(3.0)(x, x.clone()).kd.item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_padding_mask_excludes_positions() -> None:
+def test_unlabelled_positions_are_left_out_of_the_cross_entropy() -> None:
     torch.manual_seed(0)
     s, t = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
     y = torch.randint(0, 3, (2, 4))
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
-    masked = KDLoss(2.0)(s, t, y, mask)
-    keep = mask.reshape(-1)
+    y[0, 2:] = -100  # positions without a label (padding of a token-level task)
+    y[1, 3] = -100
+    parts = KDLoss(2.0)(s, t, y)
+    keep = (y != -100).reshape(-1)
     direct = KDLoss(2.0)(s.reshape(-1, 3)[keep], t.reshape(-1, 3)[keep], y.reshape(-1)[keep])
-    assert masked.kd.item() == pytest.approx(direct.kd.item(), rel=1e-6)
-    assert masked.ce.item() == pytest.approx(direct.ce.item(), rel=1e-6)
-    # garbage in padded positions must not change the loss
+    assert parts.ce.item() == pytest.approx(direct.ce.item(), rel=1e-6)
+    # garbage logits at an unlabelled position do not move the cross-entropy
     s2 = s.clone()
     s2[0, 3] = 1e4
-    assert KDLoss(2.0)(s2, t, y, mask).kd.item() == pytest.approx(masked.kd.item(), rel=1e-6)
+    assert KDLoss(2.0)(s2, t, y).ce.item() == pytest.approx(parts.ce.item(), rel=1e-6)
+
+
+def test_a_batch_without_labels_has_zero_cross_entropy_and_a_finite_gradient() -> None:
+    logits = torch.randn(3, 4, requires_grad=True)
+    ce = cross_entropy(logits, torch.full((3,), -100))
+    assert ce.item() == 0.0  # masked before the mean: not 0/0
+    ce.backward()
+    assert logits.grad is not None and torch.all(logits.grad == 0)
+
+
+def test_cross_entropy_equals_torch_mean_bit_for_bit() -> None:
+    """The masked mean is the same number as ``F.cross_entropy``'s own mean when every row
+    has a label, so moving the mask before the reduction changed no result."""
+    gen = torch.Generator().manual_seed(3)
+    for n, c in ((1, 2), (8, 4), (129, 150)):
+        logits = torch.randn(n, c, generator=gen) * 3
+        labels = torch.randint(0, c, (n,), generator=gen)
+        assert torch.equal(
+            cross_entropy(logits, labels), torch.nn.functional.cross_entropy(logits, labels)
+        )
 
 
 def test_half_precision_logits_use_float32_softmax() -> None:

@@ -19,13 +19,12 @@ import pytest
 import torch
 
 from feddistill.client.work import RoundInput, load_initial, train_round
-from feddistill.codec import parse_spec
 from feddistill.codec.chain import initial_downlink
 from feddistill.config import Config
 from feddistill.models.build import get_arrays
 from feddistill.node_state import ClientState, folder_bytes
+from feddistill.run_inputs import source_splits
 from feddistill.server.run import resolve_paths
-from feddistill.task import source_splits
 from tests.conftest import tiny_config
 
 NUM_CLIENTS, PER_ROUND, ROUNDS = 30, 10, 3
@@ -73,7 +72,9 @@ def test_client_state_round_trips_through_disk_under_a_teacher_budget(
     budget = int(BUDGET_MB * 2**20)
     _, _, labels = source_splits(cfg)
     models = load_initial(cfg, labels, "")
-    payload = initial_downlink(models.init_arrays, parse_spec(cfg.compression.downlink))
+    payload = initial_downlink(
+        models.init_arrays, cfg.compression.downlink_spec, chained=cfg.compression.chained
+    )
 
     loads: list[tuple[str, int, dict[str, np.ndarray]]] = []
     real_load = ClientState.load_residual

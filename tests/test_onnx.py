@@ -31,7 +31,7 @@ from feddistill.data import make_corpus
 from feddistill.export import MANIFEST_NAME, ONNX_NAME, export_student, predict
 from feddistill.export_onnx import INSTALL_HINT, OnnxClassifier, load_onnx
 from feddistill.models.build import save_student
-from feddistill.task import initial_models, server_data
+from feddistill.run_inputs import initial_models, server_data
 
 # Parity bound, ONNX under onnxruntime vs the PyTorch float32 student, on probabilities (max
 # abs difference). Both compute in float32 with differently fused kernels; measured up to

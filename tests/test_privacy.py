@@ -430,8 +430,8 @@ class _Grid:
 @pytest.mark.usefixtures("_task_identity")
 def test_compressed_strategy_samples_by_poisson_and_aggregates_the_clipped_mean() -> None:
     from feddistill.codec import encode
+    from feddistill.records import payload_record
     from feddistill.strategies import CompressedStrategy
-    from feddistill.wire import payload_record
 
     # Prepare: 8 nodes, 4 expected per round, negligible noise so the mean can be checked.
     rng = np.random.default_rng(4)

@@ -35,10 +35,10 @@ from feddistill.cli import main
 from feddistill.client.work import ClientError, load_initial, received_arrays
 from feddistill.codec import parse_spec
 from feddistill.codec.chain import ChainSender, unpack_chain
+from feddistill.run_inputs import source_splits
 from feddistill.server.run import resolve_paths
 from feddistill.simulation.cluster import ClusterInfo, parse_ray_address, probe_cluster
 from feddistill.simulation.engine import backend_config
-from feddistill.task import source_splits
 from tests.conftest import TINY, tiny_config
 from tests.deploy.federation import BIN, Processes, Started
 

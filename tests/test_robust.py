@@ -33,10 +33,10 @@ from feddistill.aggregation import STRATEGIES, requirement, trim_needed
 from feddistill.cli import SIMULATE_OPTIONS, main
 from feddistill.codec import encode, parse_spec
 from feddistill.config import ConfigError, ServerConfig, parse_config
+from feddistill.records import payload_record
 from feddistill.server.results import RunRecord
 from feddistill.strategies import CompressedStrategy, build_strategy
 from feddistill.strategies.robust import ReplyFloor
-from feddistill.wire import payload_record
 
 SCHEMA = [("layer.weight", (6, 5)), ("layer.bias", (6,))]
 

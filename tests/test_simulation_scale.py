@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from flwr.serverapp import Grid
 
+from feddistill.bench import scale
 from feddistill.server.progress import RoundWatch, WatchedGrid
-from feddistill.simulation import engine, scale
+from feddistill.simulation import engine
 from tests.conftest import tiny_config
 
 # -- --gpus-per-client ------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def test_dispatcher_delivers_only_addressed_messages_and_is_restored() -> None:
 
 def test_scale_config_gives_every_client_the_same_work(tmp_path: Path) -> None:
     from feddistill.config import parse_config
-    from feddistill.task import partitions
+    from feddistill.run_inputs import partitions
 
     for n in (100, 1000):
         cfg = parse_config(scale.scale_config(n, 4, tmp_path))

@@ -34,9 +34,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from feddistill import keys
 from feddistill.codec import encode, parse_spec
+from feddistill.records import payload_record
 from feddistill.strategies import CompressedStrategy
 from feddistill.strategies.compressed import FLAT
-from feddistill.wire import payload_record
 
 SCHEMA = [("layer.weight", (6, 5)), ("layer.bias", (6,))]
 
@@ -245,7 +245,7 @@ def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(tmp
     rng = np.random.default_rng(5)
     BIG = [("w", (64, 32)), ("b", (32,))]  # large enough that deltas beat a base
     initial = _arrays(rng, schema=BIG)
-    spec = "topk:0.2+q8+ef"
+    spec = "topk:0.2+q8"
     cfg = parse_config({"compression.downlink": spec})
     models = SimpleNamespace(schema=BIG, names=[n for n, _ in BIG], init_arrays=initial)
     wrapper = CompressedStrategy(
@@ -255,6 +255,7 @@ def test_chained_downlink_reaches_every_node_exactly_through_the_client_code(tmp
         uplink=parse_spec("none"),
         downlink=parse_spec(spec),
         max_payload_bytes=1 << 20,
+        chained=True,
     )
     chain = wrapper.chain
     assert chain is not None
@@ -314,7 +315,7 @@ def test_node_left_on_a_version_the_resumed_server_rebuilt_differently_gets_the_
     rng = np.random.default_rng(9)
     big = [("w", (64, 32)), ("b", (32,))]
     initial = _arrays(rng, schema=big)
-    spec = "topk:0.2+q8+ef"
+    spec = "topk:0.2+q8"
     cfg = parse_config({"compression.downlink": spec})
     models = SimpleNamespace(schema=big, names=[n for n, _ in big], init_arrays=initial)
     node_cache = tmp_path / "node"
@@ -322,7 +323,7 @@ def test_node_left_on_a_version_the_resumed_server_rebuilt_differently_gets_the_
     def wrapper_for() -> CompressedStrategy:
         return CompressedStrategy(
             FedAvg(), schema=big, initial=initial, uplink=parse_spec("none"),
-            downlink=parse_spec(spec), max_payload_bytes=1 << 20,
+            downlink=parse_spec(spec), max_payload_bytes=1 << 20, chained=True,
         )  # fmt: skip
 
     def send(wrapper, r, global_w, kind=MessageType.TRAIN) -> tuple[Message, np.ndarray]:

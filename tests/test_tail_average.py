@@ -10,7 +10,7 @@ import pytest
 from feddistill.config import ConfigError, parse_config
 from feddistill.server.checkpoint import ServerState, load_state, save_state
 from feddistill.server.lifecycle import RoundCheckpoints
-from feddistill.server.tail import TailAverage, window_size, window_start
+from feddistill.server.output_model import TailAverage, window_size, window_start
 
 
 def _globals(r: int) -> dict[str, np.ndarray]:

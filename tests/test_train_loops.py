@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from feddistill.distill.losses import not_true_kd
+from feddistill.distill.terms import (
+    Distillation,
+    FixedTeacher,
+    LocalClasses,
+    NotTrueDistillation,
+    Objective,
+    Term,
+    Transform,
+)
 from feddistill.distill.train import (
-    Encoded,
+    Loop,
+    Tokenized,
     distill,
     encode_texts,
     predict_logits,
@@ -48,8 +56,12 @@ TEXTS = ["red apple pie", "green leaf tea", "red wine glass", "green grass field
 
 
 def _two_class_run(
-    teacher_logits: torch.Tensor, epochs: int, **options: Any
-) -> tuple[torch.Tensor, torch.Tensor, Encoded]:
+    teacher_logits: torch.Tensor,
+    epochs: int,
+    *,
+    local_classes_only: bool = False,
+    not_true_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, Tokenized]:
     """Distill a fresh 3-class tiny model on data holding only classes 0 and 1.
 
     Returns the head weights before and after, and the data.
@@ -59,19 +71,12 @@ def _two_class_run(
     data = encode_texts(tok, TEXTS, [0, 1, 0, 1] * 2, max_length=24)  # class 2 never occurs
     cpu = torch.device("cpu")
     before = predict_logits(model, data, device=cpu), model.classifier.weight.detach().clone()
-    distill(
-        model,
-        data,
-        teacher_logits,
-        epochs=epochs,
-        lr=1e-2,
-        batch_size=4,
-        alpha=0.5,
-        temperature=2.0,
-        seed=0,
-        device=cpu,
-        **options,
-    )
+    terms: list[Term] = [Distillation(alpha=0.5, temperature=2.0)]
+    if not_true_weight:
+        terms.append(NotTrueDistillation(not_true_weight, temperature=2.0))
+    transforms: list[Transform] = [LocalClasses()] if local_classes_only else []
+    goal = Objective(terms, transforms, FixedTeacher(teacher_logits))
+    distill(model, data, goal, Loop(epochs, lr=1e-2, batch_size=4, seed=0), device=cpu)
     after = predict_logits(model, data, device=cpu), model.classifier.weight.detach()
     return before, after, data
 

@@ -1,7 +1,9 @@
-"""``feddistill bench``: accuracy against bytes for centralized, local-only and federated runs."""
+"""Every benchmark, one module each; nothing is imported until a benchmark is asked for.
 
-from feddistill.bench.run import run_bench
-from feddistill.bench.spec import ALL_SCENARIOS, BenchSetting
-from feddistill.bench.wirecost import DenseCost, dense_exchange_bytes
-
-__all__ = ["ALL_SCENARIOS", "BenchSetting", "DenseCost", "dense_exchange_bytes", "run_bench"]
+``run`` (``feddistill bench``: accuracy against bytes for centralized, local-only and federated
+runs; its scenarios in ``spec``, dense-exchange costs in ``wirecost``), ``scale``
+(``bench-scale``: the simulation's overhead against a plain loop), ``codec`` (``codec-bench``:
+encode/decode speed and size), ``robust`` (``bench-robust``: aggregators under attack),
+``privacy`` (``bench-privacy``) and ``serving`` (``bench-serve``: the exported student's size
+and latency).
+"""

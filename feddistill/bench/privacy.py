@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from feddistill.bench.scale import scale_config
 from feddistill.config import parse_config
-from feddistill.simulation.scale import scale_config
 
 COMPRESSED = "topk:0.01+q4+ef"
 UPLINKS = (COMPRESSED, "none")

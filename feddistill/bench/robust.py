@@ -268,7 +268,7 @@ class CellRunner:
     def __init__(self, setting: RobustSetting, data: dict[str, Any]) -> None:
         from feddistill.distill.train import encode_texts, pick_device
         from feddistill.models.build import Labels
-        from feddistill.task import initial_models
+        from feddistill.run_inputs import initial_models
 
         self.setting = setting
         self.cfg = base_config(setting.bench_setting(), data)

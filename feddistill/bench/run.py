@@ -35,7 +35,7 @@ from feddistill.bench.spec import (
 from feddistill.bench.wirecost import dense_exchange_bytes, trainable_arrays
 from feddistill.config import Config, parse_config
 from feddistill.report import accuracy_curve
-from feddistill.task import TextSplit
+from feddistill.run_inputs import TextSplit
 
 log = logging.getLogger("feddistill")
 
@@ -212,7 +212,7 @@ class Runner:
     def __init__(self, setting: BenchSetting, data: dict[str, Any]) -> None:
         from feddistill.distill.train import encode_texts, pick_device
         from feddistill.models.build import Labels
-        from feddistill.task import initial_models
+        from feddistill.run_inputs import initial_models
 
         self.setting = setting
         self.data = data
@@ -333,17 +333,17 @@ class Runner:
             accuracy=acc,
             **_traffic(results),
             uplink=c.uplink,
-            downlink=c.downlink,
+            downlink=f"{c.downlink} ({c.downlink_protocol})",
             strategy=cfg.server.strategy,
             frozen=cfg.model.freeze,
             exchanged_parameters=results["model"]["exchanged_parameters"],
-            notes=f"{sc.note}; uplink {c.uplink}, downlink {c.downlink}, {cfg.server.strategy}"
-            + (f"; frozen {cfg.model.freeze}" if cfg.model.freeze else ""),
+            notes=f"{sc.note}; uplink {c.uplink}, downlink {c.downlink} ({c.downlink_protocol}), "
+            f"{cfg.server.strategy}" + (f"; frozen {cfg.model.freeze}" if cfg.model.freeze else ""),
         )
 
     # -- bytes only ----------------------------------------------------------------------------
     def teacher_fp32(self) -> dict[str, Any]:
-        from feddistill.wire import RUN_ID_BYTES, server_config
+        from feddistill.records import RUN_ID_BYTES, server_config
 
         arrays = trainable_arrays(self.models.teacher)
         config = server_config(
@@ -358,7 +358,7 @@ class Runner:
             parameters=cost.parameters,
             notes=f"not run: over the time budget. Bytes are exact: Flower messages carrying "
             f"the teacher's {cost.parameters:,} trainable parameters ({cost.arrays} arrays) "
-            f"as float32, sized with feddistill.wire.message_bytes",
+            f"as float32, sized with feddistill.records.message_bytes",
         )
 
 

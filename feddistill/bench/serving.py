@@ -76,7 +76,7 @@ def student_from_config(teacher: str, out: Path) -> Path:
     """
     from feddistill.config import parse_config
     from feddistill.models.build import save_student
-    from feddistill.task import initial_models, server_data
+    from feddistill.run_inputs import initial_models, server_data
 
     cfg = parse_config({"model.teacher": teacher})
     models = initial_models(cfg, server_data(cfg)[1])

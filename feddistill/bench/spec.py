@@ -59,6 +59,7 @@ FEDERATED: dict[str, FederatedScenario] = {
         {
             "compression.uplink": "none",
             "compression.downlink": "none",
+            "compression.downlink-protocol": "stateless",
             "distill.alpha": 1.0,
             "distill.local-classes-only": False,
             "server.strategy": "fedavg",
@@ -79,7 +80,7 @@ FEDERATED: dict[str, FederatedScenario] = {
         note="KD; uplink top-1% + 4-bit without error feedback",
     ),
     "down-topk1-q4-ef": FederatedScenario(
-        {"compression.downlink": "topk:0.01+q4+ef"},
+        {"compression.downlink": "topk:0.01+q4"},
         rounds="variant_rounds",
         note="KD; downlink top-1% + 4-bit (chained, server-side EF)",
     ),

@@ -2,7 +2,7 @@
 
 Used for scenarios too slow to run (FedAvg of the whole teacher): the messages are built as
 Flower's FedAvg would send them (an ArrayRecord of float32 arrays, plus the run config down and
-the metrics up) and sized with :func:`feddistill.wire.message_bytes`, the same count the
+the metrics up) and sized with :func:`feddistill.records.message_bytes`, the same count the
 strategy wrapper records for runs that do happen.
 """
 
@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from feddistill import keys
 from feddistill.flower_compat import lent_task_identity
-from feddistill.wire import message_bytes
+from feddistill.records import message_bytes
 
 
 @dataclass(frozen=True)

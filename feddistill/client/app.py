@@ -21,7 +21,7 @@ from feddistill.codec import PayloadError
 from feddistill.config import Config, ConfigError, config_from_json
 from feddistill.data import DataError
 from feddistill.models.build import Labels, ModelError
-from feddistill.wire import metric_record, payload_record, unpack_run_config, unpack_run_id
+from feddistill.records import metric_record, payload_record, unpack_run_config, unpack_run_id
 
 _MOD_FAILED_PRECONDITION = 6  # flwr.common.constant.ErrorCode.MOD_FAILED_PRECONDITION
 # OSError: a missing or unreadable file or cache folder on the device (FileNotFoundError,

@@ -23,13 +23,13 @@ from feddistill import keys
 from feddistill.client import hostile
 from feddistill.codec import (
     CompressionSpec,
+    Encoded,
     PayloadError,
     decode,
     encode,
     residual_after,
     with_residual,
 )
-from feddistill.codec import Encoded as EncodedUpdate
 from feddistill.codec.chain import DIGEST_CHECK, apply_chain, unpack_chain
 from feddistill.config import Config, parse_config
 from feddistill.distill.train import (
@@ -48,7 +48,7 @@ from feddistill.recipe import (
     partition_node,
     teacher_for_round,
 )
-from feddistill.task import (
+from feddistill.run_inputs import (
     InitialModels,
     default_cache_dir,
     initial_models,
@@ -125,11 +125,11 @@ def received_arrays(
 ) -> dict[str, np.ndarray]:
     """The global student as the server sent it.
 
-    Stateless downlink: initial weights + decoded delta. Chained downlink (spec with ``ef``):
+    Stateless downlink: initial weights + decoded delta. Chained downlink (the default):
     the newest model this node holds, brought up to date with the versions in the message.
     """
     limit = int(cfg.compression.max_payload_mb * 2**20)
-    if not cfg.compression.downlink_spec.error_feedback:
+    if not cfg.compression.chained:
         delta = decode(payload, models.schema, max_payload_bytes=limit)
         return {n: models.init_arrays[n] + delta[n] for n in models.names}
     msg = unpack_chain(payload, max_payload_bytes=limit)
@@ -249,7 +249,7 @@ def private_update(
     update: dict[str, np.ndarray],
     spec: CompressionSpec,
     seed: int,
-) -> tuple[EncodedUpdate, dict[str, float]]:
+) -> tuple[Encoded, dict[str, float]]:
     """Error feedback, then (with privacy on) clipping, then compression.
 
     The order is what keeps the release at sensitivity ``C`` (docs/privacy.md): the residual

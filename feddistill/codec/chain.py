@@ -151,20 +151,13 @@ def model_digest(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> byte
     return h.digest()
 
 
-def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for name, a in arrays.items():
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
 class ChainSender:
     """The server's side of the chain: the broadcast model, recent versions, node versions.
 
     Args:
         initial: the initial exchanged weights (version 0, which every node rebuilds itself).
-        spec: the downlink codec spec for the deltas (its ``ef`` token is what selects a chain).
+        spec: the downlink codec spec for the deltas (without ``ef``: the chain's error feedback
+            is its own, the server's residual of each version).
         chain: 8-byte id; a fresh run draws one, a resumed run restores it.
         seed: base seed of stochastic rounding (version ``v`` uses ``seed * 7919 + v``).
         history: versions kept for catching up; a node further behind gets the base model.
@@ -198,7 +191,7 @@ class ChainSender:
 
         Returns the new version's payload size in bytes (0 if no new version was made).
         """
-        digest = arrays_digest({n: global_arrays[n] for n in self.names})
+        digest = model_digest(global_arrays, self.names).hex()
         if self.version and digest == self.source_digest:
             return 0
         residual = {
@@ -324,12 +317,15 @@ def apply_chain(
     return arrays
 
 
-def initial_downlink(initial: Mapping[str, np.ndarray], spec: CompressionSpec) -> np.ndarray:
-    """A downlink payload that gives any node the initial model, under either protocol.
+def initial_downlink(
+    initial: Mapping[str, np.ndarray], spec: CompressionSpec, *, chained: bool
+) -> np.ndarray:
+    """A downlink payload that gives any node the initial model, under either protocol
+    (``chained``: ``compression.downlink-protocol = "chain"``).
 
     Benchmarks and tests that drive clients without a server start from it.
     """
-    if spec.error_feedback:
+    if chained:
         names = list(initial)
         return pack_chain(ChainMessage(bytes(8), 0, (), digest=model_digest(initial, names)))
     return encode({n: np.zeros_like(a, dtype=np.float32) for n, a in initial.items()}, spec).payload

@@ -20,14 +20,28 @@ class KDParts(NamedTuple):
     kd: torch.Tensor
 
 
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy over the rows whose label is not ``ignore_index`` (0 when none is).
+
+    The ignored rows are left out before the mean is taken (a sum over the kept rows over their
+    count), so a batch without labels gives 0, not ``0 / 0``, and no step waits on the host to
+    look for a NaN. ``logits`` ``[N, C]`` in float32, ``labels`` ``[N]``.
+    """
+    kept = (labels != ignore_index).sum().clamp(min=1)
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return total / kept
+
+
 class KDLoss(nn.Module):
     """Cross-entropy on labels and KL(teacher_T || student_T) on softened logits.
 
     Shapes: ``student_logits`` and ``teacher_logits`` are ``[..., C]`` (``[B, C]`` for sequence
     classification, ``[B, L, C]`` for token-level tasks); ``labels`` is ``[...]`` with
-    ``ignore_index`` marking positions without a label; ``mask`` is an optional ``[...]`` bool
-    tensor, False for padding, excluded from both parts. Softmax is taken in float32 so bf16/fp16
-    autocast does not distort the soft targets.
+    ``ignore_index`` marking positions without a label, which the cross-entropy leaves out (the
+    KL part covers every position: the teacher has a view on each). Softmax is taken in float32
+    so bf16/fp16 autocast does not distort the soft targets.
     """
 
     def __init__(self, temperature: float = 2.0, ignore_index: int = -100) -> None:
@@ -42,7 +56,6 @@ class KDLoss(nn.Module):
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor,
         labels: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
     ) -> KDParts:
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(
@@ -52,25 +65,16 @@ class KDLoss(nn.Module):
         num_classes = student_logits.shape[-1]
         s = student_logits.float().reshape(-1, num_classes)
         t = teacher_logits.detach().float().reshape(-1, num_classes)
-        keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-        if mask is not None:
-            keep = mask.reshape(-1).to(torch.bool)
-        denom = keep.sum().clamp(min=1)
 
         log_p_s = F.log_softmax(s / self.temperature, dim=-1)
         log_p_t = F.log_softmax(t / self.temperature, dim=-1)
         # KL(p_t || p_s) per row = sum p_t * (log p_t - log p_s)
-        kl_rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
-        kd = (kl_rows * keep).sum() / denom
+        kd = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1).mean()
 
         if labels is None:
             ce = torch.zeros((), device=s.device)
         else:
-            y = labels.reshape(-1).clone()
-            y[~keep] = self.ignore_index
-            ce = F.cross_entropy(s, y, ignore_index=self.ignore_index)
-            if torch.isnan(ce):  # every label ignored
-                ce = torch.zeros((), device=s.device)
+            ce = cross_entropy(s, labels.reshape(-1), self.ignore_index)
         return KDParts(ce=ce, kd=kd)
 
 

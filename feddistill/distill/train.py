@@ -12,23 +12,15 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from feddistill.distill.losses import (
-    KDLoss,
-    kd_objective,
-    not_true_kd,
-    present_classes,
-    prior_offset,
-    restrict_logits,
-)
+from feddistill.distill.terms import CrossEntropy, Objective, Start, Step
 
 
 @dataclass
-class Encoded:
+class Tokenized:
     """Tokenized texts: ``input_ids``/``attention_mask`` are ``[N, L]`` (right-padded)."""
 
     input_ids: torch.Tensor
@@ -44,10 +36,10 @@ def encode_texts(
     texts: Sequence[str],
     labels: Sequence[int],
     max_length: int,
-) -> Encoded:
+) -> Tokenized:
     if len(texts) == 0:
         z = torch.zeros((0, 1), dtype=torch.long)
-        return Encoded(z, z.clone(), torch.zeros(0, dtype=torch.long))
+        return Tokenized(z, z.clone(), torch.zeros(0, dtype=torch.long))
     enc = tokenizer(
         list(texts),
         truncation=True,
@@ -55,27 +47,52 @@ def encode_texts(
         padding="longest",
         return_tensors="pt",
     )
-    return Encoded(
+    return Tokenized(
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],
         labels=torch.as_tensor(list(labels), dtype=torch.long),
     )
 
 
+class DeviceError(RuntimeError):
+    """``train.device`` asks for a device this process does not have."""
+
+
 def pick_device(requested: str) -> torch.device:
-    """``auto`` takes CUDA when this process was given a GPU, else CPU (never an error)."""
+    """``auto`` takes CUDA when this process was given a GPU, else CPU; ``cuda`` without a
+    CUDA device is an error (a run the user asked to put on a GPU must not crawl on the CPU)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            "train.device = 'cuda' but this process sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+            "use train.device = 'auto' to take a GPU where there is one, or 'cpu'"
+        )
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type == "cpu":
+        return None  # fp16 autocast on CPU is slow and lossy: skip it
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = _autocast_dtype(device, precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if device.type == "cpu" and dtype is torch.float16:
-        return contextlib.nullcontext()  # fp16 autocast on CPU is slow and lossy: skip it
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling where fp16 autocast runs (small fp16 gradients underflow to zero without
+    it; bf16 has float32's range and needs none), a pass-through elsewhere, as nanoGPT's
+    ``GradScaler(enabled=dtype == float16)``."""
+    enabled = _autocast_dtype(device, precision) is torch.float16
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -85,7 +102,9 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
         yield order[start : start + batch_size]
 
 
-def _slice(data: Encoded, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def batch_inputs(
+    data: Tokenized, idx: torch.Tensor, device: torch.device
+) -> dict[str, torch.Tensor]:
     mask = data.attention_mask[idx]
     width = max(int(mask.sum(dim=1).max()), 1)  # trim shared padding: big speed-up on CPU
     return {
@@ -95,152 +114,108 @@ def _slice(data: Encoded, idx: torch.Tensor, device: torch.device) -> dict[str, 
 
 
 @dataclass
-class TrainStats:
+class Stats:
+    """A pass over ``examples`` rows: mean loss and accuracy (training: over every step of
+    every epoch; evaluation: one pass). ``class_correct[c]`` / ``class_rows[c]``: right
+    predictions and rows of true class ``c``, filled by :func:`evaluate` (per-class accuracy of
+    the same pass; empty otherwise)."""
+
     loss: float
     accuracy: float
     examples: int
+    class_correct: list[int] = field(default_factory=list)
+    class_rows: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How long and how fast to train: the optimizer (AdamW) and the batches."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    weight_decay: float = 0.0
 
 
 def fine_tune(
     model: PreTrainedModel,
-    data: Encoded,
+    data: Tokenized,
+    loop: Loop,
     *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
     device: torch.device,
     precision: str = "fp32",
-    weight_decay: float = 0.0,
-) -> TrainStats:
+) -> Stats:
     """Plain supervised fine-tuning (the local teacher, or a CE-only baseline)."""
     return distill(
-        model,
-        data,
-        None,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        alpha=1.0,
-        temperature=1.0,
-        seed=seed,
-        device=device,
-        precision=precision,
-        weight_decay=weight_decay,
+        model, data, Objective([CrossEntropy()]), loop, device=device, precision=precision
     )
 
 
 def distill(
     student: PreTrainedModel,
-    data: Encoded,
-    teacher_logits: torch.Tensor | None,
+    data: Tokenized,
+    objective: Objective,
+    loop: Loop,
     *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    alpha: float,
-    temperature: float,
-    seed: int,
     device: torch.device,
     precision: str = "fp32",
-    weight_decay: float = 0.0,
-    teacher: PreTrainedModel | None = None,
-    teacher_data: Encoded | None = None,
-    teacher_lr: float = 0.0,
-    proximal_mu: float = 0.0,
-    logit_adjust: float = 0.0,
-    local_classes_only: bool = False,
-    not_true_weight: float = 0.0,
-) -> TrainStats:
-    """Train ``student`` on ``alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)``.
+) -> Stats:
+    """Train ``student`` on ``data`` to minimize ``objective`` (:mod:`feddistill.distill.terms`).
 
-    ``teacher_logits`` (``[N, C]``, precomputed in eval mode) is used when given. Mutual
-    distillation (FedKD, Wu et al. 2022) passes ``teacher`` instead: the teacher is then trained
-    in the same loop on ``alpha * CE + (1 - alpha) * T^2 * KL(student || teacher)``.
-    ``proximal_mu`` adds FedProx's ``mu/2 * ||w - w_received||^2`` (Li et al. 2020, eq. 2).
-    ``logit_adjust`` (tau) trains the student's logits plus ``tau * log p(y)`` of ``data``'s
-    labels (see :func:`~feddistill.distill.losses.prior_offset`); 0 turns it off.
-    ``local_classes_only`` restricts both softmaxes to the classes present in ``data`` (see
-    :func:`~feddistill.distill.losses.restrict_logits`).
-    ``not_true_weight`` (beta) adds ``beta * T^2 * KL`` from the student as received, over the
-    not-true classes (FedNTD; :func:`~feddistill.distill.losses.not_true_kd`); 0 turns it off.
+    Every part of the objective is started once on the student as received, then each batch
+    goes: student logits, teacher logits (a mutual teacher takes its own step here), the
+    transforms, the sum of the terms, one AdamW step (with loss scaling under fp16). The loss
+    and accuracy sums stay on the device (float64, so no precision is lost against a Python
+    float), read once at the end instead of one host sync per step.
     """
     if len(data) == 0:
-        return TrainStats(loss=0.0, accuracy=0.0, examples=0)
-    loss_fn = KDLoss(temperature)
-    global_logits = None
-    if not_true_weight > 0:  # the received model's view, fixed for the whole local round
-        global_logits = predict_logits(student, data, device=device, precision=precision)
-    student.to(device).train()
+        return Stats(loss=0.0, accuracy=0.0, examples=0)
     params = [p for p in student.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    t_opt = None
-    if teacher is not None:
-        teacher.to(device).train()
-        t_opt = torch.optim.AdamW(
-            [p for p in teacher.parameters() if p.requires_grad], lr=teacher_lr
-        )
-    offset = None
-    if logit_adjust > 0:
-        offset = prior_offset(data.labels, student.config.num_labels, logit_adjust).to(device)
-    present = None
-    if local_classes_only:
-        present = present_classes(data.labels, student.config.num_labels).to(device)
-        if bool(present.all()):
-            present = None  # every class occurs: the plain softmax
-    gen = torch.Generator().manual_seed(seed)
-    total_loss, correct, seen = 0.0, 0, 0
-    for _ in range(epochs):
-        for idx in _batches(len(data), batch_size, gen):
-            batch = _slice(data, idx, device)
+    ctx = Start(student, params, data, device, precision)
+    for part in objective.parts():
+        part.start(ctx)  # before train(): a part may look at the received model in eval mode
+    student.to(device).train()
+    opt = torch.optim.AdamW(params, lr=loop.lr, weight_decay=loop.weight_decay)
+    scaler = grad_scaler(device, precision)
+    gen = torch.Generator().manual_seed(loop.seed)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for _ in range(loop.epochs):
+        for idx in _batches(len(data), loop.batch_size, gen):
             labels = data.labels[idx].to(device)
             with autocast(device, precision):
-                s_logits = student(**batch).logits
-            if teacher is not None and t_opt is not None:
-                t_batch = _slice(teacher_data or data, idx, device)
-                with autocast(device, precision):
-                    t_logits = teacher(**t_batch).logits
-                t_loss = kd_objective(
-                    loss_fn(t_logits, s_logits.detach(), labels), alpha, temperature
-                )
-                t_opt.zero_grad(set_to_none=True)
-                t_loss.backward()
-                t_opt.step()
-                t_logits = t_logits.detach()
-            elif teacher_logits is not None:
-                t_logits = teacher_logits[idx].to(device)
-            else:
-                t_logits = s_logits.detach()  # alpha == 1: KD part is zero anyway
-            fitted = s_logits if offset is None else s_logits + offset
-            if present is not None:
-                fitted = restrict_logits(fitted, present)
-                t_logits = restrict_logits(t_logits, present)
-            loss = kd_objective(loss_fn(fitted, t_logits, labels), alpha, temperature)
-            if global_logits is not None:
-                ntd = not_true_kd(s_logits, global_logits[idx].to(device), labels, temperature)
-                loss = loss + not_true_weight * ntd
-            if anchor:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                loss = loss + 0.5 * proximal_mu * prox
+                s_logits = student(**batch_inputs(data, idx, device)).logits
+            step = Step(idx, labels, s_logits, s_logits, s_logits, params)
+            step.teacher_logits = objective.teacher.logits(idx, step)
+            for transform in objective.transforms:
+                step.fitted = transform(step.fitted)
+                if transform.teacher:
+                    step.teacher_logits = transform(step.teacher_logits)
+            loss = objective.terms[0](step)
+            for term in objective.terms[1:]:
+                loss = loss + term(step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((s_logits.detach().argmax(-1) == labels).sum())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total_loss += loss.detach().double() * len(idx)
+            correct += (s_logits.detach().argmax(-1) == labels).sum()
             seen += len(idx)
-    if teacher is not None:
-        teacher.eval()
+    objective.teacher.finish()
     student.eval()
-    return TrainStats(
-        loss=total_loss / max(seen, 1), accuracy=correct / max(seen, 1), examples=len(data)
+    return Stats(
+        loss=float(total_loss) / max(seen, 1),
+        accuracy=int(correct) / max(seen, 1),
+        examples=len(data),
     )
 
 
 @torch.inference_mode()
 def predict_logits(
     model: PreTrainedModel,
-    data: Encoded,
+    data: Tokenized,
     *,
     batch_size: int = 128,
     device: torch.device,
@@ -257,7 +232,7 @@ def predict_logits(
     for start in range(0, len(data), batch_size):
         idx = order[start : start + batch_size]
         with autocast(device, precision):
-            out.append(model(**_slice(data, idx, device)).logits.float().cpu())
+            out.append(model(**batch_inputs(data, idx, device)).logits.float().cpu())
     logits = torch.empty((len(data), out[0].shape[1]), dtype=torch.float32)
     logits[order] = torch.cat(out)
     return logits
@@ -282,34 +257,22 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-@dataclass
-class EvalStats:
-    """``class_correct[c]`` / ``class_rows[c]``: right predictions and rows of true class ``c``
-    (per-class accuracy of the same pass; empty for no rows)."""
-
-    loss: float
-    accuracy: float
-    examples: int
-    class_correct: list[int] = field(default_factory=list)
-    class_rows: list[int] = field(default_factory=list)
-
-
 def evaluate(
     model: PreTrainedModel,
-    data: Encoded,
+    data: Tokenized,
     *,
     batch_size: int = 128,
     device: torch.device,
     precision: str = "fp32",
-) -> EvalStats:
+) -> Stats:
     if len(data) == 0:
-        return EvalStats(loss=float("nan"), accuracy=float("nan"), examples=0)
+        return Stats(loss=float("nan"), accuracy=float("nan"), examples=0)
     logits = predict_logits(model, data, batch_size=batch_size, device=device, precision=precision)
     loss = float(F.cross_entropy(logits, data.labels))
     predictions = logits.argmax(-1)
     acc = float((predictions == data.labels).float().mean())
     correct, rows = class_counts(predictions, data.labels, logits.shape[1])
-    return EvalStats(
+    return Stats(
         loss=loss, accuracy=acc, examples=len(data), class_correct=correct, class_rows=rows
     )
 
@@ -322,7 +285,3 @@ def class_counts(
     rows = torch.bincount(labels, minlength=num_classes)
     correct = torch.bincount(labels[predictions == labels], minlength=num_classes)
     return correct.tolist(), rows.tolist()
-
-
-def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(-1) == labels).mean()) if len(labels) else float("nan")

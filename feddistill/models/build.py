@@ -10,7 +10,6 @@ silently diverging.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -253,17 +252,6 @@ def set_arrays(model: PreTrainedModel, arrays: dict[str, np.ndarray]) -> None:
                     f"array {name!r} has shape {value.shape}, model expects {tuple(target.shape)}"
                 )
             target.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype))
-
-
-def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
-    """Content hash of named arrays: lets a client prove it rebuilt the same initial student."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name], dtype=np.float32)
-        h.update(name.encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def count_parameters(model: PreTrainedModel) -> tuple[int, int]:

@@ -31,8 +31,9 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
 from feddistill.config import Config, ConfigError
-from feddistill.distill.train import Encoded, EvalStats, evaluate, torch_threads
+from feddistill.distill.train import Stats, Tokenized, evaluate, torch_threads
 from feddistill.models.build import set_arrays
+from feddistill.records import RUN_ID_BYTES
 from feddistill.server.checkpoint import (
     RandomStates,
     Stateful,
@@ -42,12 +43,11 @@ from feddistill.server.checkpoint import (
     snapshot,
     state_path,
 )
+from feddistill.server.output_model import TailAverage, window_start
 from feddistill.server.progress import RoundWatch
 from feddistill.server.results import RunRecord, per_class_result
-from feddistill.server.tail import TailAverage, window_start
 from feddistill.server.tracking import Tracker
 from feddistill.strategies import CompressedStrategy
-from feddistill.wire import RUN_ID_BYTES
 
 log = logging.getLogger("feddistill")
 
@@ -60,18 +60,18 @@ class Evaluator:
         self,
         model: torch.nn.Module,
         names: Sequence[str],
-        test: Encoded | None,
+        test: Tokenized | None,
         device: torch.device,
         threads: int,
     ) -> None:
         self.model, self.names, self.test = model, list(names), test
         self.device, self.threads = device, threads
-        self.last: EvalStats | None = None  # the newest evaluation, for per-class accuracy
+        self.last: Stats | None = None  # the newest evaluation, for per-class accuracy
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         set_arrays(self.model, {n: arrays[n] for n in self.names})
 
-    def __call__(self, arrays: Mapping[str, np.ndarray]) -> EvalStats | None:
+    def __call__(self, arrays: Mapping[str, np.ndarray]) -> Stats | None:
         """Load ``arrays`` into the model and evaluate it (None without a test set)."""
         self.load(arrays)
         if self.test is None:

@@ -30,6 +30,14 @@ from feddistill.distill.train import (
 from feddistill.models.build import Labels, count_parameters, save_student
 from feddistill.node_state import folder_bytes
 from feddistill.recipe import local_only_accuracies
+from feddistill.records import server_config
+from feddistill.run_inputs import (
+    InitialModels,
+    initial_models,
+    partition_example_counts,
+    partitions,
+    server_data,
+)
 from feddistill.server.checkpoint import ReproducibleGrid
 from feddistill.server.grids import SAMPLER, SIMULATED_PARTITIONS, private_sampling
 from feddistill.server.lifecycle import Evaluator, ServerRun
@@ -37,14 +45,6 @@ from feddistill.server.progress import RoundWatch, WatchedGrid
 from feddistill.server.results import RunRecord, summarize_local_only
 from feddistill.server.tracking import Tracker
 from feddistill.strategies import build_strategy
-from feddistill.task import (
-    InitialModels,
-    initial_models,
-    partition_example_counts,
-    partitions,
-    server_data,
-)
-from feddistill.wire import server_config
 
 log = logging.getLogger("feddistill")
 
@@ -84,7 +84,10 @@ def _run_server(
     test_split, labels = server_data(cfg)
     _log_data(cfg, simulated, labels, test_split)
     models = initial_models(cfg, labels)
-    device = pick_device(cfg.train.device)
+    # In deployment `train.device = "cuda"` is about the nodes: a server without a GPU still
+    # evaluates (on its CPU) instead of refusing to start.
+    wanted = cfg.train.device
+    device = pick_device("auto" if wanted == "cuda" and not simulated else wanted)
     test = None
     if test_split is not None:
         test = encode_texts(

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from feddistill.config import Config
+from feddistill.run_inputs import partitions, source_splits
 from feddistill.simulation.cluster import probe_cluster
-from feddistill.task import partitions, source_splits
 
 OFFLINE_ENV = {
     # Flower would otherwise try to install the app's dependencies with uv on every run,
@@ -219,6 +219,13 @@ def simulate(
         ray_address = cluster.address
     if note:
         log.warning(note)
+    if cfg.train.device == "cuda" and gpus_per_client == 0:
+        raise ValueError(
+            "train.device = 'cuda' but the simulated clients get no GPU "
+            + (f"({note.rstrip('.')})" if note else "(--gpus-per-client 0)")
+            + ": give them a share with --gpus-per-client (e.g. 0.25), or set "
+            "train.device = 'auto' or 'cpu'"
+        )
     preflight(cfg)
     from flwr.simulation import run_simulation
 

@@ -5,13 +5,13 @@ Built the way Flower wraps strategies for differential privacy
 never sees a compressed payload. Only the four hooks that touch the wire are overridden;
 ``Strategy.start`` and its round loop are inherited untouched.
 
-Downlink, two protocols chosen by the downlink spec:
+Downlink, two protocols (``compression.downlink-protocol``, the ``chained`` argument):
 
-* without ``ef`` (e.g. ``q8``): every message carries ``encode(global - initial)``, a delta from
+* stateless: every message carries ``encode(global - initial)``, a delta from
   the initial student that every node can rebuild, so a client that skipped any number of rounds
   still reconstructs the current model; the error stays bounded by one quantization step of the
   current delta. Stateless, but a pruned spec would lose whatever it drops.
-* with ``ef`` (e.g. ``topk:0.01+q4+ef``): a chain of compressed deltas with server-side error
+* chain (the default): a chain of compressed deltas with server-side error
   feedback (:class:`feddistill.codec.chain.ChainSender`): each node gets the versions it missed
   since it last answered, or the broadcast model itself when that is cheaper. Messages to
   different nodes may then differ, and each is counted.
@@ -60,6 +60,7 @@ from feddistill import keys
 from feddistill.codec import CompressionSpec, PayloadError, decode, encode, max_encoded_bytes
 from feddistill.codec.chain import DIGEST_CHECK, ChainSender
 from feddistill.codec.wire import unflatten
+from feddistill.records import message_bytes, payload_record
 from feddistill.strategies.admission import (
     AdmissionError,
     AdmissionPolicy,
@@ -77,7 +78,6 @@ from feddistill.strategies.state import (
     load_strategy_state_dict,
     strategy_state_dict,
 )
-from feddistill.wire import message_bytes, payload_record
 
 log = logging.getLogger("feddistill.server")
 _T = TypeVar("_T")
@@ -144,6 +144,7 @@ class CompressedStrategy(Strategy):
         uplink: CompressionSpec,
         downlink: CompressionSpec,
         max_payload_bytes: int,
+        chained: bool = False,
         seed: int = 0,
         min_replies: int = 1,
         round_offset: int = 0,
@@ -172,9 +173,14 @@ class CompressedStrategy(Strategy):
         self._global_flat: np.ndarray | None = None  # the same, flattened (FLAT)
         self._returned: tuple[ArrayRecord, dict[str, np.ndarray]] | None = None
         self._train_requests: dict[int, list[Message]] = {}  # to name nodes that never replied
+        if downlink.error_feedback:
+            raise ValueError(
+                f"downlink spec {downlink.to_string()!r} asks for error feedback: on the downlink "
+                "that is the chained protocol's own (pass chained=True), never a spec token"
+            )
         self.chain = (
             ChainSender(self.initial, downlink, chain=secrets.token_bytes(8), seed=seed)
-            if downlink.error_feedback
+            if chained
             else None
         )
         self._inflight: dict[int, int] = {}  # node -> chain version its last message reaches
@@ -277,9 +283,10 @@ class CompressedStrategy(Strategy):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict` of a wrapper built with the same settings."""
         if (state["chain"] is None) != (self.chain is None):
+            protocol = "chain" if self.chain is not None else "stateless"
             raise ValueError(
-                "saved downlink state does not match compression.downlink "
-                f"{self.downlink.to_string()!r}: was the downlink codec changed?"
+                "saved downlink state does not match compression.downlink-protocol = "
+                f"{protocol!r}: was the downlink protocol changed?"
             )
         if (state["privacy"] is None) != (self.privacy is None):
             raise ValueError("saved privacy state does not match privacy.mode: was it changed?")
@@ -607,4 +614,5 @@ class CompressedStrategy(Strategy):
     def summary(self) -> None:
         self.inner.summary()
         log.info("\t├── Uplink codec: %s", self.uplink.to_string())
-        log.info("\t└── Downlink codec: %s", self.downlink.to_string())
+        protocol = "chain" if self.chain is not None else "stateless"
+        log.info("\t└── Downlink codec: %s (%s)", self.downlink.to_string(), protocol)

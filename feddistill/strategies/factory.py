@@ -69,6 +69,7 @@ def build_strategy(
         initial=initial,
         uplink=cfg.compression.uplink_spec,
         downlink=cfg.compression.downlink_spec,
+        chained=cfg.compression.chained,
         max_payload_bytes=int(cfg.compression.max_payload_mb * 2**20),
         seed=cfg.seed,
         min_replies=cfg.server.min_replies,

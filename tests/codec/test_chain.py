@@ -51,7 +51,7 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 def test_nodes_that_skip_rounds_rebuild_the_broadcast_bit_for_bit() -> None:
     rng = np.random.default_rng(0)
     initial = _arrays(rng)
-    sender = ChainSender(initial, parse_spec("topk:0.05+q4+ef"), chain=b"abcdefgh", history=5)
+    sender = ChainSender(initial, parse_spec("topk:0.05+q4"), chain=b"abcdefgh", history=5)
     nodes = {i: _Node(initial) for i in range(6)}
     current = {n: a.copy() for n, a in initial.items()}
     sent_base = 0
@@ -69,7 +69,7 @@ def test_nodes_that_skip_rounds_rebuild_the_broadcast_bit_for_bit() -> None:
 
 def test_an_unchanged_model_makes_no_version() -> None:
     initial = _arrays(np.random.default_rng(6))
-    sender = ChainSender(initial, parse_spec("topk:0.1+q8+ef"), chain=b"12345678")
+    sender = ChainSender(initial, parse_spec("topk:0.1+q8"), chain=b"12345678")
     assert sender.advance(initial) == 0 and sender.version == 0
     payload, version = sender.message_for(3)
     assert version == 0 and payload.size == 34  # the header alone: "keep the initial model"
@@ -79,7 +79,7 @@ def test_an_unchanged_model_makes_no_version() -> None:
 def test_a_node_that_lost_its_state_is_forgotten_and_rebuilds_from_version_zero() -> None:
     rng = np.random.default_rng(1)
     initial = _arrays(rng)
-    sender = ChainSender(initial, parse_spec("topk:0.1+q8+ef"), chain=b"12345678")
+    sender = ChainSender(initial, parse_spec("topk:0.1+q8"), chain=b"12345678")
     for _ in range(3):
         sender.advance({n: a + _arrays(rng, 0.1)[n] for n, a in initial.items()})
         _, version = sender.message_for(7)
@@ -94,7 +94,7 @@ def test_server_error_feedback_brings_the_broadcast_to_a_fixed_global() -> None:
     rng = np.random.default_rng(2)
     initial = _arrays(rng)
     target = {n: a + _arrays(rng)[n] for n, a in initial.items()}
-    sender = ChainSender(initial, parse_spec("topk:0.1+q8+ef"), chain=b"12345678")
+    sender = ChainSender(initial, parse_spec("topk:0.1+q8"), chain=b"12345678")
 
     def gap() -> float:
         return float(sum(np.sum((target[n] - sender.broadcast[n]) ** 2) for n, _ in SCHEMA))
@@ -147,7 +147,7 @@ def test_container_round_trip_and_malformed_containers() -> None:
 def test_deltas_that_do_not_continue_the_held_version_are_refused() -> None:
     rng = np.random.default_rng(3)
     initial = _arrays(rng)
-    sender = ChainSender(initial, parse_spec("topk:0.1+q8+ef"), chain=b"12345678")
+    sender = ChainSender(initial, parse_spec("topk:0.1+q8"), chain=b"12345678")
     sender.advance({n: a + 1 for n, a in initial.items()})
     sender.acknowledge(1, 1)
     sender.advance({n: a + 2 for n, a in initial.items()})
@@ -158,10 +158,11 @@ def test_deltas_that_do_not_continue_the_held_version_are_refused() -> None:
 
 def test_initial_downlink_gives_the_initial_model_under_both_protocols() -> None:
     initial = _arrays(np.random.default_rng(4))
-    for spec in ("q8", "topk:0.01+q4+ef"):
-        payload = initial_downlink(initial, parse_spec(spec))
+    for spec, chained in (("q8", False), ("topk:0.01+q4", True)):
+        payload = initial_downlink(initial, parse_spec(spec), chained=chained)
         assert payload.dtype == np.uint8 and payload.size > 0
-    msg = unpack_chain(initial_downlink(initial, parse_spec("q4+ef")), max_payload_bytes=LIMIT)
+    chained = initial_downlink(initial, parse_spec("q4"), chained=True)
+    msg = unpack_chain(chained, max_payload_bytes=LIMIT)
     assert _same(apply_chain(msg, initial, 0, SCHEMA, max_payload_bytes=LIMIT), initial)
 
 
@@ -172,7 +173,7 @@ def test_a_node_holding_another_version_fails_the_digest_check_instead_of_diverg
 
     rng = np.random.default_rng(7)
     initial = _arrays(rng)
-    sender = ChainSender(initial, parse_spec("topk:0.2+q8+ef"), chain=b"12345678")
+    sender = ChainSender(initial, parse_spec("topk:0.2+q8"), chain=b"12345678")
     node = _Node(initial)
     sender.advance({n: a + _arrays(rng, 0.1)[n] for n, a in initial.items()})
     node.receive(sender.message_for(1)[0])
@@ -202,7 +203,7 @@ def test_every_message_names_the_digest_of_its_target_model() -> None:
 
     rng = np.random.default_rng(8)
     initial = _arrays(rng)
-    sender = ChainSender(initial, parse_spec("topk:0.1+q8+ef"), chain=b"12345678")
+    sender = ChainSender(initial, parse_spec("topk:0.1+q8"), chain=b"12345678")
     names = [n for n, _ in SCHEMA]
     first = unpack_chain(sender.message_for(1)[0], max_payload_bytes=LIMIT)
     sender.advance({n: a + 1 for n, a in initial.items()})
@@ -211,7 +212,7 @@ def test_every_message_names_the_digest_of_its_target_model() -> None:
     assert first.digest == model_digest(initial, names) and len(first.digest) == DIGEST_BYTES
     assert second.digest == model_digest(sender.broadcast, names) != first.digest
     initial_msg = unpack_chain(
-        initial_downlink(initial, parse_spec("q4+ef")), max_payload_bytes=LIMIT
+        initial_downlink(initial, parse_spec("q4"), chained=True), max_payload_bytes=LIMIT
     )
     assert initial_msg.digest == first.digest
     with pytest.raises(ValueError, match="digest must be 8 bytes"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from feddistill.codec.bench import format_codec_table, run_codec_bench
+from feddistill.bench.codec import format_codec_table, run_codec_bench
 
 
 def test_bench_rows_and_table() -> None:

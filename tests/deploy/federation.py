@@ -46,7 +46,7 @@ TEMPLATES: dict[str, str] = {
     'data.labels="{labels}" data.num-clients={n} server.clients-per-round={n} '
     'server.evaluate-clients={n_eval} data.test-source="{test}" rounds={rounds} '
     'output-dir="{out}" compression.uplink="topk:0.1+q8+ef" '
-    'compression.downlink="topk:0.1+q8+ef" '
+    'compression.downlink="topk:0.1+q8" '
     "{model}{resume}'",
     "export": "feddistill export {out}/student --out {out}/export",
     "predict": 'feddistill predict --model {out}/export "{text}"',

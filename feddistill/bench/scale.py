@@ -76,14 +76,6 @@ def scale_config(num_clients: int, rounds: int, out_dir: Path, seed: int = 0) ->
     }
 
 
-def available_cpus() -> int:
-    """CPUs this process may use (what Ray counts too, cgroup quotas aside)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 # ---------------------------------------------------------------------------------------------
 # Measuring a subprocess
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +156,7 @@ def _mean_after_first(seconds: Sequence[float]) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The plain loop (runs in its own subprocess: python -m feddistill.simulation.scale loop ...)
+# The plain loop (runs in its own subprocess: python -m feddistill.bench.scale loop ...)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -190,9 +182,9 @@ def plain_loop(flat: dict[str, Any], workers: int, threads: int) -> dict[str, An
     from feddistill.client.work import RoundInput
     from feddistill.codec.chain import initial_downlink
     from feddistill.config import parse_config
+    from feddistill.run_inputs import initial_models, source_splits
     from feddistill.server.run import resolve_paths
     from feddistill.simulation.engine import offline_environment
-    from feddistill.task import initial_models, source_splits
 
     offline_environment()
     _init_worker(threads)
@@ -201,7 +193,9 @@ def plain_loop(flat: dict[str, Any], workers: int, threads: int) -> dict[str, An
     _, _, labels = source_splits(cfg)
     corpus_seconds = time.perf_counter() - t0
     models = initial_models(cfg, labels)
-    payload = initial_downlink(models.init_arrays, cfg.compression.downlink_spec)
+    payload = initial_downlink(
+        models.init_arrays, cfg.compression.downlink_spec, chained=cfg.compression.chained
+    )
     n, k = cfg.data.num_clients, cfg.server.num_sampled
     per_train = k(cfg.server.clients_per_round, n)
     per_eval = k(cfg.server.evaluate_clients, n)
@@ -270,7 +264,7 @@ def _loop_once(
     _write_toml(flat, config_path)
     out = run_dir / "loop.json"
     cmd = [
-        *(sys.executable, "-m", "feddistill.simulation.scale", "loop", str(config_path)),
+        *(sys.executable, "-m", "feddistill.bench.scale", "loop", str(config_path)),
         *(str(workers), str(threads), str(out)),
     ]
     code, peak, _ = _run_measured(cmd, run_dir / "loop.log", timeout)
@@ -310,7 +304,9 @@ def run_scale_bench(
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     base = Path(work_dir or tempfile.mkdtemp(prefix="feddistill-bench-scale-"))
-    workers = max(1, int(available_cpus() // cpus_per_client))
+    from feddistill.distill.train import usable_cores
+
+    workers = max(1, int(usable_cores() // cpus_per_client))
     threads = max(1, int(cpus_per_client))
     rows = []
     for n in clients:
@@ -469,4 +465,4 @@ def _loop_main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "loop":
         sys.exit(_loop_main(sys.argv[2:]))
-    sys.exit("usage: python -m feddistill.simulation.scale loop CONFIG WORKERS THREADS OUT")
+    sys.exit("usage: python -m feddistill.bench.scale loop CONFIG WORKERS THREADS OUT")

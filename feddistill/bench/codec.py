@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .spec import CompressionSpec
-from .wire import decode, encode, schema_of
+from feddistill.codec.spec import CompressionSpec
+from feddistill.codec.wire import decode, encode, schema_of
 
 TARGET_KEEP = 0.01
 TARGET_BITS = 4

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from feddistill.codec.chain import model_digest
 from feddistill.config import Config, DataConfig
 from feddistill.data import (
     DataError,
@@ -27,7 +28,6 @@ from feddistill.data import (
 )
 from feddistill.models.build import (
     Labels,
-    arrays_digest,
     build_student,
     build_teacher,
     exchanged_names,
@@ -276,7 +276,9 @@ def initial_models(cfg: Config, labels: Labels) -> InitialModels:
     student.eval()
     names = exchanged_names(student)
     arrays = get_arrays(student, names)
-    return InitialModels(teacher, t_tok, student, s_tok, names, arrays, arrays_digest(arrays))
+    # The same digest as the chained downlink's: a client proves it rebuilt this student.
+    digest = model_digest(arrays, names).hex()
+    return InitialModels(teacher, t_tok, student, s_tok, names, arrays, digest)
 
 
 def teacher_cache_key(
