@@ -226,8 +226,8 @@ class ServerConfig:
 
     The default is FedAvg with a server step of 2 (FedAvgM without momentum): averaging top-k
     updates shrinks each coordinate that only some clients sent by the share of clients that did
-    not, and a step above 1 gives that back. Measured on AG News with the same teachers and
-    clients: 84.2% vs 75.8% with plain FedAvg (docs/history.md, AG News trials).
+    not, and a step above 1 gives that back (measured against plain FedAvg: docs/history.md,
+    AG News trials).
 
     ``average_last``: the run's output model is the average of the global models of the last
     rounds (< 1: that fraction of ``rounds``, rounded up; >= 1: a count; 0: the last global), so

@@ -196,6 +196,25 @@ def test_reply_sent_but_never_answered_is_a_failure_of_that_node() -> None:
     ]
 
 
+def test_an_evaluation_never_answered_is_a_failure_of_that_node_too() -> None:
+    """The train and evaluate steps screen replies alike: a timeout is named in both."""
+    rng = np.random.default_rng(3)
+    wrapper = _wrapper(FedAvg(), _arrays(rng))
+    arrays = ArrayRecord({n: Array(a) for n, a in _arrays(rng).items()})
+    sent = list(wrapper.configure_evaluate(1, arrays, ConfigRecord(), _Grid([5, 6, 7])))
+    for i, msg in enumerate(sent):
+        msg.metadata.__dict__["_message_id"] = f"e{i}"
+    metrics = {keys.NUM_EXAMPLES: 10, keys.EVAL_ACCURACY: 0.5, keys.EVAL_LOSS: 1.0}
+    replies = [
+        Message(RecordDict({keys.METRICS: MetricRecord(dict(metrics))}), reply_to=m)
+        for m in sent[1:]
+    ]
+    assert wrapper.aggregate_evaluate(1, replies) is not None
+    assert wrapper.traffic[1].eval_failures == [
+        (sent[0].metadata.dst_node_id, "no reply within server.round-timeout")
+    ]
+
+
 def test_error_made_up_by_the_superlink_names_the_node_that_was_asked() -> None:
     rng = np.random.default_rng(4)
     wrapper = _wrapper(FedAvg(), _arrays(rng))

@@ -374,7 +374,11 @@ def test_node_left_on_a_version_the_resumed_server_rebuilt_differently_gets_the_
 
     # Assert: a named refusal; the next message carries the whole model and the node holds it
     assert info.value.check == "chain-digest"
-    assert resumed.traffic[2].eval_failures[0][1].startswith("PayloadError: [chain-digest]")
+    assert (
+        resumed.traffic[2]
+        .eval_failures[0][1]
+        .startswith("client error: PayloadError: [chain-digest]")
+    )
     _, payload = send(resumed, 3, global_2b)
     from feddistill.codec.chain import unpack_chain
 

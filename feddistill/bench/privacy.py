@@ -35,13 +35,11 @@ UPLINKS = (COMPRESSED, "none")
 class Shape:
     """The federation every point runs (``privacy-bench.json`` records it).
 
-    Why these values (measured 2026-12-02, docs/privacy.md): ``bench-scale``'s micro model
-    with 10 examples a client stayed at chance; so did the embedded default's tiny models with
-    40 examples a client and the default recipe (2 local epochs: 10 optimizer steps, and
-    averaging 50 such updates moves the model about as far as one of them), dense, for 8
-    rounds of 50 clients. With 10 local epochs (50 steps) the same dense run reached 0.71 at
-    round 5, so 12 rounds are enough. Teachers get 3 epochs, not 6: the KD term weighs 0.2,
-    and 1,000 teachers to fine-tune would be a large part of the first points' time.
+    Why these values (the measured trials are in docs/privacy.md): smaller models or the
+    default 2 local epochs stayed at chance for many clients with few examples each (averaging
+    50 updates of 10 optimizer steps moves the model about as far as one of them), so clients
+    run 10 local epochs and 12 rounds suffice. Teachers get 3 epochs, not 6: the KD term weighs
+    0.2, and 1,000 teachers to fine-tune would be a large part of the first points' time.
     """
 
     clients: int = 1000

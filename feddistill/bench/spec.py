@@ -29,8 +29,8 @@ ALL_SCENARIOS = (
 )
 # The feed-forward blocks of a BERT-style student (MiniLM, BERT): two thirds of each layer's
 # weights. The AG News preset freezes them in the compressed scenarios, where they would
-# otherwise take most of the bytes; measured 2026-12-01, the accuracy did not change (84.11% vs
-# 84.18%) while bytes per client per round fell from 477,884 to 176,165.
+# otherwise take most of the bytes; the accuracy stayed while the bytes fell by about 2.7x
+# (docs/history.md, the AG News trials).
 # The BenchSetting field that holds a federated scenario's round count
 RoundsField = Literal["rounds", "compressed_rounds", "variant_rounds"]
 
@@ -123,7 +123,7 @@ class BenchSetting:
     rounds: int = 10
     compressed_rounds: int = 30
     # The other compression settings: 20 rounds keep the standard benchmark within its hour on
-    # 2 cores (at 30, measured 2026-12-02, the whole run took 63 min 13 s).
+    # 2 cores (at 30 it ran over: docs/benchmarks.md).
     variant_rounds: int = 20
     scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
     teacher_epochs: int = 1

@@ -26,18 +26,15 @@ As ``flwr_datasets.FederatedDataset`` does, rows are shuffled with ``seed`` befo
 (``IidPartitioner`` shards *contiguously*, so without this an ordered file would give
 label-sorted "iid" clients). Results depend only on ``labels`` and the arguments.
 
-Scale, measured on the 2-core development machine (busy), 50,000 examples, 4 classes, 5,000
-clients: iid about 0.1 s; shards (k=2) about 1.2 s; Dirichlet with ``alpha=100`` about 1.1 s;
-Dirichlet with ``alpha=0.5`` and ``min_partition_size=2`` cannot be met (ten examples per
-client on average, spread by a skewed draw, leave some client with fewer than two) and fails
-with a ``DataError`` after flwr-datasets' 11 draws, in about 7 s. Each Dirichlet draw is a
-Python loop over classes x clients, so the time of a failing setting grows linearly with
-the number of clients; the 11-draw cap of flwr-datasets (not configurable in 0.6) is the bound.
-The partitioners' own ``load_partition`` builds one ``datasets.Dataset`` per client (about
-1 ms each: 6 s for 5,000 iid clients), so the assignment is read directly (``np.array_split``
-for iid, the computed mapping for the others) and checked against ``load_partition`` on the
-first and last client; if a future flwr-datasets changes its behaviour the check fails and
-every client is read through ``load_partition`` instead (slower, same result).
+Scale (measured figures: docs/data.md, "Partitioning at scale"): each Dirichlet draw is a Python
+loop over classes x clients, so the time of a setting that cannot be met grows linearly with
+the number of clients until flwr-datasets' 11-draw cap (not configurable in 0.6) ends it with
+a ``DataError``. The partitioners' own ``load_partition`` builds one ``datasets.Dataset`` per
+client, which dominates at thousands of clients, so the assignment is read directly
+(``np.array_split`` for iid, the computed mapping for the others) and checked against
+``load_partition`` on the first and last client; if a future flwr-datasets changes its
+behaviour the check fails and every client is read through ``load_partition`` instead (slower,
+same result).
 """
 
 from __future__ import annotations

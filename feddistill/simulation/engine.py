@@ -7,10 +7,10 @@ calls it, with the deprecation notice silenced. ``flwr run .`` remains fully sup
 very same ServerApp/ClientApp.
 
 Scale: memory and time per round should depend on the clients per round, not on
-``data.num-clients``. Flower registers one virtual node per client (about 3 KB each) and its
-dispatcher thread asks *every* node for pending messages every 0.1 s; with messages in flight each
-ask scans them all, so a sweep over 5,000 nodes took ~270 ms of GIL-holding Python on the 2-core
-development machine (1,000 nodes: ~60 ms), stealing a core from the clients.
+``data.num-clients``. Flower registers one virtual node per client and its dispatcher thread
+asks *every* node for pending messages every 0.1 s; with messages in flight each ask scans them
+all, so a sweep costs GIL-holding Python in proportion to the nodes, stealing a core from the
+clients (measured figures: docs/simulation.md, "Many clients on one host").
 :func:`dispatch_to_addressed_nodes` swaps that thread's loop, for the duration of :func:`simulate`
 only, for one that asks only the nodes that have a pending message (the same ``get_message_ins``
 calls; being cheap, it sweeps every 10 ms instead of 100 ms).

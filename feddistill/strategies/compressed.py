@@ -172,7 +172,8 @@ class CompressedStrategy(Strategy):
         self._global: dict[str, np.ndarray] | None = None  # the round's global, by name
         self._global_flat: np.ndarray | None = None  # the same, flattened (FLAT)
         self._returned: tuple[ArrayRecord, dict[str, np.ndarray]] | None = None
-        self._train_requests: dict[int, list[Message]] = {}  # to name nodes that never replied
+        # (step, round) -> the messages sent, to name nodes that never replied
+        self._requests: dict[tuple[str, int], list[Message]] = {}
         if downlink.error_feedback:
             raise ValueError(
                 f"downlink spec {downlink.to_string()!r} asks for error feedback: on the downlink "
@@ -481,19 +482,25 @@ class CompressedStrategy(Strategy):
         if self.privacy is not None:
             messages = self.privacy.select(list(messages))
         out = self._compress_messages(server_round, messages, self._round(server_round).bytes_down)
-        self._train_requests[server_round] = out  # the Grid gives them ids when it sends them
+        self._requests["train", server_round] = out  # the Grid gives them ids when it sends them
         return out
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
+    def _screen(self, step: str, server_round: int, replies: Iterable[Message]) -> list[_Candidate]:
+        """The replies of one round's ``train`` or ``evaluate`` step that pass admission.
+
+        Both steps name their failures alike, in the round's ``failures`` / ``eval_failures``: a
+        client's error reply, a refused reply (the admission rule or the decoder's check), and
+        a node that was sent a message but did not answer before the round's timeout.
+        """
         stats = self._round(server_round)
+        train = step == "train"
+        failures = stats.failures if train else stats.eval_failures
+        schema = keys.TRAIN_REPLY if train else keys.EVALUATE_REPLY
         # Request id -> node. Errors the SuperLink makes up (a node that stopped sending
         # heartbeats) come from the SuperLink's own node id: name the node asked instead.
         asked = {
             m.metadata.message_id: m.metadata.dst_node_id
-            for m in self._train_requests.pop(server_round, [])
+            for m in self._requests.pop((step, server_round), [])
             if m.metadata.message_id  # empty if never sent through a Grid
         }
         candidates: list[_Candidate] = []
@@ -502,22 +509,32 @@ class CompressedStrategy(Strategy):
             if msg.has_error():
                 reason = f"client error: {msg.error.reason}"
                 self._answered(node, ok=False, reason=reason)
-                stats.failures.append((node, reason))
-                log.warning("round %d: node %s failed: %s", server_round, node, reason)
+                failures.append((node, reason))
+                log.warning("round %d: node %s failed to %s: %s", server_round, node, step, reason)
                 continue
-            stats.bytes_up[node] = message_bytes(msg)
+            if train:
+                stats.bytes_up[node] = message_bytes(msg)
             try:
-                candidate = self._admit(server_round, node, msg, keys.TRAIN_REPLY)
-                candidate.delta = self.decode_delta(msg)
+                candidate = self._admit(server_round, node, msg, schema)
+                if train:
+                    candidate.delta = self.decode_delta(msg)
             except (AdmissionError, PayloadError) as err:
-                self._refuse(stats.failures, server_round, node, err)
+                self._refuse(failures, server_round, node, err)
                 continue
             self._answered(node, ok=True)
             candidates.append(candidate)
         for node in asked.values():  # sent, but nothing came back before the round timed out
             reason = "no reply within server.round-timeout"
-            stats.failures.append((node, reason))
-            log.warning("round %d: node %s failed: %s", server_round, node, reason)
+            failures.append((node, reason))
+            log.warning("round %d: node %s failed to %s: %s", server_round, node, step, reason)
+        return candidates
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        stats = self._round(server_round)
+        candidates = self._screen("train", server_round, replies)
         valid = self._bounded_updates(server_round, candidates, stats)
         stats.replies = len(valid)
         if len(valid) < self.min_replies:
@@ -570,32 +587,19 @@ class CompressedStrategy(Strategy):
         server_round += self.round_offset
         flat = self._receive_global(arrays)
         messages = self.inner.configure_evaluate(server_round, flat, config, grid)
-        return self._compress_messages(
+        out = self._compress_messages(
             server_round, messages, self._round(server_round).eval_bytes_down
         )
+        self._requests["evaluate", server_round] = out
+        return out
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         server_round += self.round_offset
         stats = self._round(server_round)
-        candidates: list[_Candidate] = []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                reason = str(msg.error.reason)
-                self._answered(node, ok=False, reason=reason)
-                stats.eval_failures.append((node, reason))
-                log.warning("round %d: node %s failed to evaluate: %s", server_round, node, reason)
-                continue
-            try:
-                candidate = self._admit(server_round, node, msg, keys.EVALUATE_REPLY)
-            except AdmissionError as err:
-                self._refuse(stats.eval_failures, server_round, node, err)
-                continue
-            self._answered(node, ok=True)
-            if candidate.examples:  # a node without validation data has nothing to weigh in
-                candidates.append(candidate)
+        # a node without validation data has nothing to weigh in
+        candidates = [c for c in self._screen("evaluate", server_round, replies) if c.examples]
         if not candidates:
             return None
         self._cap_examples(server_round, candidates, stats.eval_capped_examples)
