@@ -411,6 +411,43 @@ PRIVACY_MODES: tuple[str, ...] = get_args(PrivacyMode)
 
 
 @dataclass(frozen=True)
+class SecureConfig:
+    """Secure aggregation (SecAgg+ over compressed updates; docs/secure-aggregation.md).
+
+    With ``aggregation`` on, the server learns only the sum of a round's updates: each client
+    sends its update on the round's shared random coordinates (``keep`` of them, drawn from a
+    seed the server announces; error feedback keeps the rest), each value clipped to
+    ``[-clip, clip]`` and stochastically rounded to ``bits`` bits, masked in ``Z_{2^m}`` with
+    ``m = bits + ceil(log2(clients per round))``. Up to ``dropout`` of a round's clients may
+    drop out after the masks are set up; beyond that the round fails (global unchanged).
+
+    Why a tenth and not the plain uplink's 1%: a random pattern sends a coordinate once every
+    ``1 / keep`` rounds on average, and at 1% the embedded default had not left chance after 13
+    rounds; at 10% it learns, and the message stays over 50x below Flower's SecAgg+
+    (docs/secure-aggregation.md). ``clip``: an accumulated residual sent every ~10 rounds is
+    larger than one round's update; 5-bit levels over ``[-0.05, 0.05]`` are 0.003 apart.
+    """
+
+    aggregation: bool = False
+    bits: int = 5
+    clip: float = 0.05
+    keep: float = 0.1
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        _check_range("secure.bits", self.bits, lo=1, hi=24)
+        _check_range("secure.clip", self.clip, lo=0, lo_open=True, hi=1e6)
+        _check_range("secure.keep", self.keep, lo=0, lo_open=True, hi=1)
+        # Shamir threshold t = n - floor(dropout * n) must stay above n / 2: below it, the
+        # shares of one client's two secrets could both be asked for by different survivors.
+        _check_range("secure.dropout", self.dropout, lo=0, hi=0.5, hi_open=True)
+
+    def threshold(self, clients: int) -> int:
+        """Shares needed to recover a round of ``clients``: all but the tolerated dropouts."""
+        return max(2, clients - math.floor(self.dropout * clients))
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Client-level differential privacy, DP-FedAvg style (docs/privacy.md).
 
@@ -558,6 +595,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure: SecureConfig = field(default_factory=SecureConfig)
 
     def __post_init__(self) -> None:
         _check_range("rounds", self.rounds, lo=1, hi=100_000)
@@ -573,6 +611,42 @@ class Config:
             )
         self._check_robust_rule()
         self._check_privacy()
+        self._check_secure()
+
+    def _check_secure(self) -> None:
+        """Secure aggregation gives the server a sum: only mean-based rules can use it."""
+        if not self.secure.aggregation:
+            return
+        s = self.server
+        if not STRATEGIES[s.strategy].composes_with_dp:  # the same property: the mean suffices
+            ok = ", ".join(repr(k) for k, v in STRATEGIES.items() if v.composes_with_dp)
+            raise ConfigError(
+                f"invalid config server.strategy = {s.strategy!r} with secure.aggregation = "
+                "true: the server learns only the sum of the updates, and this robust rule "
+                f"needs each update on its own; expected one of {ok}"
+            )
+        if s.weighting != "uniform":
+            raise ConfigError(
+                f"invalid config server.weighting = {s.weighting!r} with secure.aggregation = "
+                "true: the masked sum counts every client once (weighting by num-examples "
+                "would need each client's count and update apart); expected "
+                "server.weighting = 'uniform'"
+            )
+        if self.privacy.enabled:
+            raise ConfigError(
+                f"invalid config privacy.mode = {self.privacy.mode!r} with secure.aggregation "
+                "= true: central DP adds its noise at the server to updates it can see; with "
+                "secure aggregation the clients would have to add it (distributed DP, not "
+                "offered yet); expected privacy.mode = 'none'"
+            )
+        per_round = s.num_sampled(s.clients_per_round, self.data.num_clients)
+        if per_round < 3:
+            _fail(
+                "server.clients-per-round",
+                s.clients_per_round,
+                f"at least 3 clients per round with secure.aggregation = true (got {per_round}):"
+                " with two, each learns the other's update from the sum",
+            )
 
     def _check_privacy(self) -> None:
         """Central DP needs a mean-based rule, uniform weights and a delta below 1/N."""
@@ -812,6 +886,15 @@ DESCRIPTIONS: dict[str, str] = {
     "tracking.backend": "experiment tracking: `none`, `tensorboard` or `mlflow` (docs/tracking.md)",
     "tracking.uri": 'TensorBoard folder or MLflow tracking URI ("" = under the output folder)',
     "tracking.experiment": "MLflow experiment name",
+    "secure.aggregation": "secure aggregation: the server learns only the sum of each round's "
+    "updates (SecAgg+ over the compressed updates; docs/secure-aggregation.md)",
+    "secure.bits": "bits per value of a securely aggregated update (stochastic rounding)",
+    "secure.clip": "values of a securely aggregated update are clipped to [-clip, clip] "
+    "(error feedback keeps the rest)",
+    "secure.keep": "share of the weights a round sends under secure aggregation (a random "
+    "pattern shared by the round's clients; error feedback keeps the rest)",
+    "secure.dropout": "share of a round's clients that may drop out after masking; beyond it "
+    "the round fails (Shamir threshold = clients - floor(dropout * clients))",
     "privacy.mode": "client-level differential privacy: `none` or `central` (server adds the "
     "noise; docs/privacy.md)",
     "privacy.clip": "L2 norm C each client's update is clipped to (the start value when adaptive)",

@@ -202,3 +202,25 @@ def test_masked_vectors_pack_to_ceil_m_over_8_bytes_a_value() -> None:
     np.testing.assert_array_equal(unpack(data, 4, spec), y)
     with pytest.raises(SecAggError, match="expected 4"):
         unpack(data[:3], 4, spec)
+
+
+def test_what_a_round_does_not_carry_stays_in_the_residual() -> None:
+    from feddistill.secagg.quantize import dequantize_one, encode_update, mean_update
+
+    spec = FieldSpec(bits=4, clip=0.1, clients=3)
+    rng = np.random.default_rng(9)
+    updates = [rng.normal(0, 0.05, size=500).astype(np.float32) for _ in range(3)]
+    updates[0][7] = 3.0  # far beyond the clip
+    pattern = shared_pattern(seed=1, server_round=1, size=500, keep=0.1)
+    total = np.zeros(len(pattern), dtype=np.uint64)
+    for u in updates:
+        q, residual = encode_update(u, pattern, spec, rng)
+        sent = np.zeros(500, np.float32)
+        sent[pattern] = dequantize_one(q, spec)
+        np.testing.assert_allclose(sent + residual, u, atol=1e-6)  # nothing lost
+        total = (total + q) & spec.mask
+    mean = mean_update(total, pattern, 500, spec, 3)
+    assert np.count_nonzero(mean[np.setdiff1d(np.arange(500), pattern)]) == 0
+    clipped = np.mean([np.clip(u[pattern], -0.1, 0.1) for u in updates], axis=0)
+    step = 2 * spec.clip / spec.levels
+    assert np.abs(mean[pattern] - clipped).max() <= step + 1e-6

@@ -31,6 +31,7 @@ from feddistill.codec import (
     with_residual,
 )
 from feddistill.codec.chain import DIGEST_CHECK, apply_chain, unpack_chain
+from feddistill.codec.wire import unflatten
 from feddistill.config import Config, parse_config
 from feddistill.distill.train import (
     encode_texts,
@@ -55,6 +56,9 @@ from feddistill.run_inputs import (
     local_file_split,
     teacher_cache_key,
 )
+from feddistill.secagg.protocol import Client as SecAggClient
+from feddistill.secagg.protocol import pack
+from feddistill.secagg.quantize import FieldSpec, encode_update, shared_pattern
 
 
 class ClientError(RuntimeError):
@@ -73,6 +77,18 @@ class RoundInput:
     proximal_mu: float = 0.0
     run_id: str = ""  # hex; scopes residuals and a mutually trained teacher to the run
     clip_norm: float = 0.0  # privacy: this round's clip (adaptive clipping); 0: privacy.clip
+    secure: SecureInput | None = None  # secure aggregation: this round's masking step
+
+
+@dataclass
+class SecureInput:
+    """The masking step of secure aggregation (step 2): this node's protocol state, the shares
+    the other clients sent it, and the round's public pattern seed and client count."""
+
+    client: SecAggClient
+    received: dict[int, bytes]
+    pattern_seed: int
+    clients: int
 
 
 def node_data(cfg: Config, labels: Labels, node_config: dict[str, Any]) -> NodeData:
@@ -219,7 +235,11 @@ def train_round(
     update = {n: after[n] - ref[n] for n in models.names}
     if attacker:
         update = hostile.update(cfg, update, state.root, inp.server_round, data.key)
-    encoded, privacy_metrics = private_update(cfg, inp, models, state, update, spec, seed)
+    if inp.secure is not None:
+        payload, privacy_metrics = secure_update(inp, models, state, update, seed), {}
+    else:
+        encoded, privacy_metrics = private_update(cfg, inp, models, state, update, spec, seed)
+        payload = encoded.payload
 
     metrics = {  # keys.TRAIN_REPLY declares these
         **privacy_metrics,
@@ -230,7 +250,6 @@ def train_round(
         keys.CLIENT_SECONDS: time.perf_counter() - t0,
         keys.STATE_BYTES: float(state.disk_bytes()),
     }
-    payload = encoded.payload
     if attacker:
         payload, metrics = hostile.reply(cfg, payload, metrics, inp.server_round, data.key)
     # The cached initial models stay on CPU (only deep copies were moved to the device), so
@@ -272,6 +291,29 @@ def private_update(
             residual_after(update, encoded.decoded), inp.server_round, run=inp.run_id
         )
     return encoded, extra
+
+
+def secure_update(
+    inp: RoundInput,
+    models: InitialModels,
+    state: ClientState,
+    update: dict[str, np.ndarray],
+    seed: int,
+) -> np.ndarray:
+    """Error feedback, the round's shared pattern, clipping and stochastic rounding, then the
+    masks (:mod:`feddistill.secagg`); what the pattern and the clip left out is the residual."""
+    sec, cfg = inp.secure, inp.cfg
+    assert sec is not None
+    s = cfg.secure
+    residual = state.load_residual(models.schema, before_round=inp.server_round, run=inp.run_id)
+    flat = np.concatenate([np.ravel(update[n] + residual.get(n, 0.0)) for n in models.names])
+    spec = FieldSpec(s.bits, s.clip, sec.clients)
+    pattern = shared_pattern(sec.pattern_seed, inp.server_round, flat.size, s.keep)
+    values, rest = encode_update(flat, pattern, spec, np.random.default_rng(seed))
+    state.save_residual(unflatten(models.names, rest, dict(models.schema)), inp.server_round,
+                        run=inp.run_id)  # fmt: skip
+    masked = sec.client.masked_input(values, sec.received, spec)
+    return np.frombuffer(pack(masked, spec), dtype=np.uint8)
 
 
 def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, float]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import json
 import secrets
 import struct
 from collections.abc import Callable, Collection, Mapping
@@ -135,6 +136,44 @@ class Client:
         self._roster: dict[int, Advertised] = {}
         self._peers: dict[int, bytes] = {}  # U1 minus this client: the ciphertexts it got
         self._threshold = 0
+
+    def dump(self) -> bytes:
+        """This client's round state, to keep on the node between the protocol's messages
+        (a ClientApp keeps nothing in memory between messages)."""
+
+        def key(k: ec.EllipticCurvePrivateKey) -> str:
+            return k.private_numbers().private_value.to_bytes(_KEY_BYTES, "big").hex()
+
+        state = {
+            "cid": self.cid,
+            "enc": key(self._enc),
+            "mask": key(self._mask),
+            "seed": self._self_seed.hex(),
+            "threshold": self._threshold,
+            "roster": {str(j): [a.encryption_key.hex(), a.mask_key.hex(),
+                                a.self_mask_commitment.hex()]
+                       for j, a in self._roster.items()},
+            "peers": {str(j): c.decode() for j, c in self._peers.items()},
+            "own": getattr(self, "_own", b"").hex(),
+        }  # fmt: skip
+        return json.dumps(state).encode()
+
+    @classmethod
+    def load(cls, data: bytes) -> Client:
+        state = json.loads(data)
+        self = cls.__new__(cls)
+        self.cid = int(state["cid"])
+        self._enc = _private_key(bytes.fromhex(state["enc"]))
+        self._mask = _private_key(bytes.fromhex(state["mask"]))
+        self._self_seed = bytes.fromhex(state["seed"])
+        self._threshold = int(state["threshold"])
+        self._roster = {
+            int(j): Advertised(*(bytes.fromhex(v) for v in values))
+            for j, values in state["roster"].items()
+        }
+        self._peers = {int(j): c.encode() for j, c in state["peers"].items()}
+        self._own = bytes.fromhex(state["own"])
+        return self
 
     def advertise(self) -> Advertised:
         return Advertised(

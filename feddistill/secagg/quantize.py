@@ -102,3 +102,37 @@ def add(a: np.ndarray, b: np.ndarray, spec: FieldSpec) -> np.ndarray:
 
 def subtract(a: np.ndarray, b: np.ndarray, spec: FieldSpec) -> np.ndarray:
     return (a - b) & spec.mask  # uint64 wraps modulo 2^64, a multiple of 2^m
+
+
+def encode_update(
+    update: np.ndarray, pattern: np.ndarray, spec: FieldSpec, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A client's flat ``update`` (error-feedback residual already added) on the round's
+    ``pattern``: the group elements it masks, and what stays for its next round.
+
+    The residual keeps everything this round did not carry: the coordinates off the pattern,
+    the part of each value beyond the clip, and the rounding error, so over rounds nothing is
+    lost (error feedback, as for the plain uplink).
+    """
+    flat = np.asarray(update, dtype=np.float32).ravel()
+    values = flat[pattern]
+    q = quantize(values, spec, rng)
+    residual = flat.copy()
+    residual[pattern] = values - dequantize_one(q, spec)
+    return q, residual
+
+
+def dequantize_one(q: np.ndarray, spec: FieldSpec) -> np.ndarray:
+    """One client's quantized values back to floats (what the sum counts it as)."""
+    step = 2.0 * spec.clip / spec.levels
+    return (q.astype(np.float64) * step - spec.clip).astype(np.float32)
+
+
+def mean_update(
+    total: np.ndarray, pattern: np.ndarray, size: int, spec: FieldSpec, count: int
+) -> np.ndarray:
+    """The round's mean update, flat and dense (zero off the pattern), from the group sum of
+    ``count`` clients' values on ``pattern``."""
+    out = np.zeros(size, dtype=np.float32)
+    out[pattern] = dequantize_sum(total, spec, count) / np.float32(count)
+    return out

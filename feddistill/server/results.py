@@ -117,6 +117,12 @@ class RunRecord:
                 for n, claim, cap in traffic.eval_capped_examples
             ],
             "aggregation_errors": list(traffic.aggregation_errors),
+            # Secure aggregation: every protocol message by step, both directions, all clients
+            **(
+                {"secure_bytes": dict(traffic.secure_bytes), "secure_survivors": traffic.replies}
+                if traffic.secure_bytes
+                else {}
+            ),
             "train": traffic.train_metrics,
             "federated_evaluation": traffic.eval_metrics,
             "seconds": seconds,

@@ -61,6 +61,7 @@ from feddistill.codec import CompressionSpec, PayloadError, decode, encode, max_
 from feddistill.codec.chain import DIGEST_CHECK, ChainSender
 from feddistill.codec.wire import unflatten
 from feddistill.records import message_bytes, payload_record
+from feddistill.secagg.quantize import SecAggError
 from feddistill.strategies.admission import (
     AdmissionError,
     AdmissionPolicy,
@@ -73,6 +74,7 @@ from feddistill.strategies.admission import (
     update_norm,
 )
 from feddistill.strategies.private import CentralPrivacy
+from feddistill.strategies.secure import SecureAggregation
 from feddistill.strategies.state import (
     UndeclaredStateError,
     load_strategy_state_dict,
@@ -117,6 +119,7 @@ class RoundTraffic:
     capped_examples: list[tuple[int, int, int]] = field(default_factory=list)  # node, claim, cap
     eval_capped_examples: list[tuple[int, int, int]] = field(default_factory=list)
     aggregation_errors: list[str] = field(default_factory=list)  # the inner strategy raised
+    secure_bytes: dict[str, int] = field(default_factory=dict)  # secure aggregation, by step
 
 
 @dataclass
@@ -130,6 +133,7 @@ class _Candidate:
     known: bool  # the server knows this node's example count (simulation)
     delta: dict[str, np.ndarray] = field(default_factory=dict)
     norm: float = 0.0
+    masked: np.ndarray | None = None  # secure aggregation: the masked vector instead of delta
 
 
 class CompressedStrategy(Strategy):
@@ -152,8 +156,10 @@ class CompressedStrategy(Strategy):
         admission: AdmissionPolicy | None = None,
         known_examples: Callable[[int], tuple[int, int] | None] | None = None,
         privacy: CentralPrivacy | None = None,
+        secure: SecureAggregation | None = None,
     ) -> None:
         self.inner = inner
+        self.secure = secure  # secure aggregation: the server sees only the sum
         self.privacy = privacy  # central DP: one step per hook (feddistill.strategies.private)
         self.uniform = uniform
         self.schema = [(n, tuple(s)) for n, s in schema]
@@ -162,6 +168,9 @@ class CompressedStrategy(Strategy):
         self.uplink = uplink
         self.downlink = downlink
         self.max_payload_bytes = payload_limit(self.schema, uplink, max_payload_bytes)
+        if secure is not None:  # a masked vector: at most 8 bytes for each shared coordinate
+            self.max_payload_bytes = max(self.max_payload_bytes, 8 * secure.max_values)
+        self._grid: Grid | None = None  # secure aggregation: the round's Grid, for step 3
         self.admission = admission or AdmissionPolicy()
         # node -> (training, validation) examples it holds, where the server knows (simulation)
         self.known_examples = known_examples
@@ -279,6 +288,7 @@ class CompressedStrategy(Strategy):
             "chain": None if self.chain is None else self.chain.state_dict(),
             "inner": strategy_state_dict(self.inner),
             "privacy": None if self.privacy is None else self.privacy.state_dict(),
+            "secure": None if self.secure is None else self.secure.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -296,6 +306,12 @@ class CompressedStrategy(Strategy):
         load_strategy_state_dict(self.inner, state["inner"])
         if self.privacy is not None:
             self.privacy.load_state_dict(state["privacy"])
+        if (state.get("secure") is None) != (self.secure is None):
+            raise ValueError(
+                "saved secure-aggregation state does not match secure.aggregation: was it changed?"
+            )
+        if self.secure is not None:
+            self.secure.load_state_dict(state["secure"])
 
     @property
     def inner_key(self) -> str:
@@ -303,6 +319,11 @@ class CompressedStrategy(Strategy):
 
     def decode_delta(self, msg: Message) -> dict[str, np.ndarray]:
         """The update ``delta`` of one reply; PayloadError names the failed check."""
+        payload = self._payload(msg)
+        return decode(payload, self.schema, max_payload_bytes=self.max_payload_bytes)
+
+    def _payload(self, msg: Message) -> np.ndarray:
+        """The one uint8 payload array of a training reply, within the size limit."""
         content = msg.content
         if self.inner_key not in content.array_records:
             raise PayloadError("names", f"reply has no ArrayRecord {self.inner_key!r}")
@@ -320,7 +341,7 @@ class CompressedStrategy(Strategy):
                 f"payload of {array.shape[0]} bytes over the limit of {self.max_payload_bytes} "
                 f"for this model and uplink {self.uplink.to_string()!r}",
             )
-        return decode(array.numpy(), self.schema, max_payload_bytes=self.max_payload_bytes)
+        return array.numpy()
 
     def _admit(
         self, server_round: int, node: int, msg: Message, schema: keys.ReplySchema
@@ -430,6 +451,32 @@ class CompressedStrategy(Strategy):
             out.append(self._rebuilt(c, shared, self._flat_record(dense)))
         return out
 
+    def _secure_mean(
+        self, server_round: int, candidates: list[_Candidate], stats: RoundTraffic
+    ) -> tuple[list[Message], int]:
+        """Step 3 and the unmasked mean, as one reply of ``global + mean`` for the inner
+        strategy (with the mean of the replies' metrics), and the clients it averages; no
+        reply when the sum cannot be recovered (the round fails, global unchanged)."""
+        assert self.secure is not None and self._global_flat is not None
+        masked = {c.node: c.masked for c in candidates if c.masked is not None}
+        try:
+            mean, count, sent = self.secure.aggregate(
+                server_round, masked, self._grid, stats.failures
+            )
+        except SecAggError as err:
+            stats.secure_bytes.setdefault("unmask", 0)
+            stats.round_failure = f"secure aggregation: {err}; global unchanged"
+            log.warning("round %d: %s", server_round, stats.round_failure)
+            return [], 0
+        finally:
+            self.secure.rounds.pop(server_round, None)
+        stats.secure_bytes.update(sent)
+        shared = self._shared_metrics(candidates)
+        first = candidates[0]
+        first.metrics = {k: float(np.mean([c.metrics[k] for c in candidates])) for k in shared}
+        dense = self._global_flat + mean
+        return [self._rebuilt(first, shared, self._flat_record(dense))], count
+
     def _rebuilt(self, c: _Candidate, shared: set[str], arrays: ArrayRecord | None) -> Message:
         metrics = {k: v for k, v in c.metrics.items() if k in shared}
         metrics[keys.NUM_EXAMPLES] = (
@@ -481,6 +528,11 @@ class CompressedStrategy(Strategy):
         messages = self.inner.configure_train(server_round, flat, config, grid)
         if self.privacy is not None:
             messages = self.privacy.select(list(messages))
+        if self.secure is not None:  # steps 0 and 1; only nodes that completed both train
+            self._grid = grid
+            stats = self._round(server_round)
+            messages, sent = self.secure.setup(server_round, list(messages), grid, stats.failures)
+            stats.secure_bytes.update(sent)
         out = self._compress_messages(server_round, messages, self._round(server_round).bytes_down)
         self._requests["train", server_round] = out  # the Grid gives them ids when it sends them
         return out
@@ -516,9 +568,13 @@ class CompressedStrategy(Strategy):
                 stats.bytes_up[node] = message_bytes(msg)
             try:
                 candidate = self._admit(server_round, node, msg, schema)
-                if train:
+                if train and self.secure is not None:
+                    candidate.masked = self.secure.masked_vector(
+                        server_round, node, self._payload(msg)
+                    )
+                elif train:
                     candidate.delta = self.decode_delta(msg)
-            except (AdmissionError, PayloadError) as err:
+            except (AdmissionError, PayloadError, SecAggError) as err:
                 self._refuse(failures, server_round, node, err)
                 continue
             self._answered(node, ok=True)
@@ -535,16 +591,20 @@ class CompressedStrategy(Strategy):
         server_round += self.round_offset
         stats = self._round(server_round)
         candidates = self._screen("train", server_round, replies)
-        valid = self._bounded_updates(server_round, candidates, stats)
-        stats.replies = len(valid)
-        if len(valid) < self.min_replies:
+        if self.secure is not None:
+            valid, stats.replies = self._secure_mean(server_round, candidates, stats)
+        else:
+            valid = self._bounded_updates(server_round, candidates, stats)
+            stats.replies = len(valid)
+        if stats.replies < self.min_replies:
             # Too few clients answered (dropouts, timeouts, bad payloads): keep the global model
             # rather than let one or two clients move it.
-            stats.round_failure = (
-                f"{len(valid)} valid replies < server.min-replies = {self.min_replies}; "
-                "global unchanged"
-            )
-            log.warning("round %d: %s", server_round, stats.round_failure)
+            if not stats.round_failure:  # secure aggregation may have named the reason
+                stats.round_failure = (
+                    f"{stats.replies} valid replies < server.min-replies = {self.min_replies}; "
+                    "global unchanged"
+                )
+                log.warning("round %d: %s", server_round, stats.round_failure)
             return None, None
         if self.privacy is not None:
             assert self._global_flat is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from feddistill.strategies.admission import AdmissionPolicy
 from feddistill.strategies.compressed import CompressedStrategy, RoundTraffic
 from feddistill.strategies.private import CentralPrivacy
 from feddistill.strategies.robust import ReplyFloor
+from feddistill.strategies.secure import SecureAggregation
 
 log = logging.getLogger("feddistill.server")
 
@@ -85,6 +87,13 @@ def build_strategy(
         ),
         known_examples=known_examples,
         privacy=CentralPrivacy.from_config(cfg, num_nodes),
+        secure=(
+            SecureAggregation(
+                cfg.secure, sum(math.prod(shape) for _, shape in schema), cfg.server.round_timeout
+            )
+            if cfg.secure.aggregation
+            else None
+        ),
     )
     if isinstance(inner, ReplyFloor):
 
