@@ -224,3 +224,11 @@ def test_what_a_round_does_not_carry_stays_in_the_residual() -> None:
     clipped = np.mean([np.clip(u[pattern], -0.1, 0.1) for u in updates], axis=0)
     step = 2 * spec.clip / spec.levels
     assert np.abs(mean[pattern] - clipped).max() <= step + 1e-6
+
+
+def test_flowers_secaggplus_reply_is_sized_with_flowers_own_code() -> None:
+    from feddistill.bench.secagg import flower_masked_reply_bytes
+
+    shapes = [(64, 32), (32,)]
+    size = flower_masked_reply_bytes(shapes)
+    assert 8 * (64 * 32 + 32) < size < 8 * (64 * 32 + 32) + 2048  # int64 a weight, framing
