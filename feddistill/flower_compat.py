@@ -12,7 +12,9 @@ hook, feddistill reaches into Flower's internals, and only here:
 * Grid loop (:func:`is_in_memory_grid`, :func:`is_http_grid`, :data:`HTTP_GRID_PULL_INTERVAL`):
   the concrete Grid classes of ``flwr.superlink.grid`` and how their ``send_and_receive`` waits;
 * task identity (:func:`lent_task_identity`): sets ``TaskIdentity`` outside a Flower runtime;
-* Grid types (:data:`NodeInfo`, :data:`Run`): the types in the public ``Grid``'s signatures.
+* Grid types (:data:`NodeInfo`, :data:`Run`): the types in the public ``Grid``'s signatures;
+* SecAgg+ message format (:data:`secaggplus`): Flower's own quantization, mask generator and
+  array serialization, to size its SecAgg+ reply exactly (``feddistill.bench.secagg``).
 
 A minor release may rename any of these. Replacing a renamed function would do nothing and
 reading a renamed field would kill the dispatcher thread, after which every round waits for its
@@ -47,6 +49,7 @@ SAMPLING = "client sampling (feddistill.server.grids.private_sampling)"
 GRID_LOOP = "Grid loop (feddistill.server.progress.WatchedGrid)"
 TASK_IDENTITY = "task identity (feddistill.bench.wirecost.dense_exchange_bytes)"
 GRID_TYPES = "Grid types (feddistill.server.grids.DelegatingGrid)"
+SECAGG_FORMAT = "SecAgg+ message format (feddistill.bench.secagg.flower_masked_reply_bytes)"
 
 
 class FlowerCompatError(ImportError):
@@ -83,6 +86,11 @@ with _importing(GRID_TYPES):
     # Re-exported for DelegatingGrid's annotations.
     from flwr.proto.node_pb2 import NodeInfo as NodeInfo
     from flwr.supercore.run import Run as Run
+with _importing(SECAGG_FORMAT):
+    from flwr.common import ndarray_to_bytes
+    from flwr.common.secure_aggregation import ndarrays_arithmetic, quantization
+    from flwr.common.secure_aggregation import secaggplus_utils as _secaggplus_utils
+    from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggPlusKey
 
 
 # -- checks ---------------------------------------------------------------------------------
@@ -198,12 +206,37 @@ def check_task_identity() -> None:
             raise _broken(TASK_IDENTITY, f"TaskIdentity.{name} is not a settable property")
 
 
+def check_secaggplus_format() -> None:
+    _require_params(SECAGG_FORMAT, quantization.quantize,
+                    ("parameters", "clipping_range", "target_range"))  # fmt: skip
+    _require_params(SECAGG_FORMAT, _secaggplus_utils.pseudo_rand_gen,
+                    ("seed", "num_range", "dimensions_list"))  # fmt: skip
+    for name in ("parameters_addition", "parameters_mod"):
+        _require_attr(SECAGG_FORMAT, ndarrays_arithmetic, name)
+    _require_attr(SECAGG_FORMAT, SecAggPlusKey, "MASKED_PARAMETERS")
+
+
+class _SecAggPlus:
+    """Flower's functions that make a SecAgg+ stage-2 reply, under one name."""
+
+    quantize = staticmethod(quantization.quantize)
+    pseudo_rand_gen = staticmethod(_secaggplus_utils.pseudo_rand_gen)
+    parameters_addition = staticmethod(ndarrays_arithmetic.parameters_addition)
+    parameters_mod = staticmethod(ndarrays_arithmetic.parameters_mod)
+    ndarray_to_bytes = staticmethod(ndarray_to_bytes)
+    masked_parameters_key = SecAggPlusKey.MASKED_PARAMETERS
+
+
+secaggplus = _SecAggPlus
+
+
 CHECKS: tuple[Callable[[], None], ...] = (
     check_dispatcher,
     check_node_registration,
     check_sampling,
     check_grid_loop,
     check_task_identity,
+    check_secaggplus_format,
 )
 for _check in CHECKS:
     _check()

@@ -17,6 +17,7 @@ import flwr
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Metadata, MetricRecord, RecordDict
+from flwr.common.secure_aggregation import quantization
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.serverapp.strategy import strategy_utils
@@ -74,6 +75,9 @@ def _linkstate_init_without_lock(self: Any, *args: Any) -> None:
     self.message_ins_store = {}
 
 
+def _quantize_with_other_names(arrays: Any, clip: Any, levels: Any) -> Any: ...
+
+
 def _send_and_receive_sleeping_5(self: Any, messages: Any, *, timeout: Any = None) -> Any:
     time.sleep(5)
 
@@ -107,6 +111,13 @@ BREAKS = [
         "no longer does 'time.sleep(3)'",
     ),
     ("check_task_identity", TaskIdentity, "_run_id", None, "no class field _run_id"),
+    (
+        "check_secaggplus_format",
+        quantization,
+        "quantize",
+        _quantize_with_other_names,
+        "feddistill calls it with ('parameters', 'clipping_range', 'target_range')",
+    ),
 ]
 TOUCH = {
     "check_dispatcher": flower_compat.DISPATCHER,
@@ -114,6 +125,7 @@ TOUCH = {
     "check_sampling": flower_compat.SAMPLING,
     "check_grid_loop": flower_compat.GRID_LOOP,
     "check_task_identity": flower_compat.TASK_IDENTITY,
+    "check_secaggplus_format": flower_compat.SECAGG_FORMAT,
 }
 
 

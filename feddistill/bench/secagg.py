@@ -15,16 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common import ndarray_to_bytes
-from flwr.common.secure_aggregation.ndarrays_arithmetic import (
-    parameters_addition,
-    parameters_mod,
-)
-from flwr.common.secure_aggregation.quantization import quantize
-from flwr.common.secure_aggregation.secaggplus_constants import Key
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-from feddistill.flower_compat import lent_task_identity
+from feddistill.flower_compat import lent_task_identity, secaggplus
 from feddistill.records import message_bytes
 
 FLOWER_QUANTIZATION_RANGE = 4_194_304  # SecAggPlusWorkflow's defaults (flwr 1.42)
@@ -37,11 +29,11 @@ def flower_masked_reply_bytes(
     """Serialized bytes of one client's SecAgg+ stage-2 reply for arrays of ``shapes``."""
     rng = np.random.default_rng(seed)
     update = [rng.normal(0, 0.01, size=s).astype(np.float32) for s in shapes]
-    quantized = quantize(update, clipping_range, FLOWER_QUANTIZATION_RANGE)
-    mask = pseudo_rand_gen(b"\x00" * 32, FLOWER_MODULUS_RANGE, [a.shape for a in quantized])
-    masked = parameters_mod(parameters_addition(quantized, mask), FLOWER_MODULUS_RANGE)
-    content = RecordDict(
-        {"secaggplus": ConfigRecord({Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in masked]})}
-    )
+    f = secaggplus
+    quantized = f.quantize(update, clipping_range, FLOWER_QUANTIZATION_RANGE)
+    mask = f.pseudo_rand_gen(b"\x00" * 32, FLOWER_MODULUS_RANGE, [a.shape for a in quantized])
+    masked = f.parameters_mod(f.parameters_addition(quantized, mask), FLOWER_MODULUS_RANGE)
+    arrays = [f.ndarray_to_bytes(a) for a in masked]
+    content = RecordDict({"secaggplus": ConfigRecord({f.masked_parameters_key: arrays})})
     with lent_task_identity():  # Message() needs one; it is not counted
         return message_bytes(Message(content, dst_node_id=1, message_type="train"))

@@ -24,12 +24,12 @@ reconstructed secret is checked against what its owner committed to in step 0 (t
 ``b``, the mask public key), the shares that do not fit are named, and the secret is recovered
 from the others when at least ``t`` honest shares remain (otherwise the round fails).
 
-Primitives are maintained ones, none written here: ECDH on P-384 and HKDF (``cryptography``,
-through Flower's ``generate_shared_key``), Fernet encryption and Shamir sharing (Flower's
-``flwr.common.secure_aggregation`` helpers, on ``cryptography`` and ``pycryptodome``), and
-ChaCha20 as the mask generator. Flower's own ``pseudo_rand_gen`` folds its seed to 32 bits
-before seeding numpy, which would leave a mask guessable in 2^32 tries; ChaCha20 keyed by the
-full 256-bit seed does not.
+Primitives are maintained ones, none written here: ECDH on P-384, HKDF, Fernet and ChaCha20
+(``cryptography``) and Shamir sharing over GF(2^128) (``pycryptodome``), used the way Flower's
+``flwr.common.secure_aggregation`` helpers use them (its internals are not imported: the
+ClientApp stays outside the Flower boundary module). Flower's ``pseudo_rand_gen`` folds its
+seed to 32 bits before seeding numpy, which would leave a mask guessable in 2^32 tries;
+ChaCha20 keyed by the full 256-bit seed does not.
 """
 
 from __future__ import annotations
@@ -44,16 +44,13 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.fernet import InvalidToken
-from cryptography.hazmat.primitives import serialization
+from Crypto.Protocol.SecretSharing import Shamir
+from Crypto.Util.Padding import pad, unpad
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt,
-    encrypt,
-    generate_shared_key,
-)
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from feddistill.secagg.quantize import FieldSpec, SecAggError, add, subtract
 
@@ -95,8 +92,42 @@ def _new_key(random_bytes: Callable[[int], bytes]) -> ec.EllipticCurvePrivateKey
     return _private_key(value.to_bytes(_KEY_BYTES, "big"))
 
 
-def _pair_seed(own: ec.EllipticCurvePrivateKey, other_public: bytes) -> bytes:
-    return base64.urlsafe_b64decode(generate_shared_key(own, _public_key(other_public)))
+def _agreed_key(own: ec.EllipticCurvePrivateKey, other_public: bytes) -> bytes:
+    """32 bytes both ends derive: ECDH, then HKDF-SHA256 (as Flower's ``generate_shared_key``)."""
+    secret = own.exchange(ec.ECDH(), _public_key(other_public))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=None).derive(secret)
+
+
+def _fernet(own: ec.EllipticCurvePrivateKey, other_public: bytes) -> Fernet:
+    return Fernet(base64.urlsafe_b64encode(_agreed_key(own, other_public)))
+
+
+def create_shares(secret: bytes, threshold: int, count: int) -> list[bytes]:
+    """``count`` Shamir shares of ``secret``, any ``threshold`` of which rebuild it: the secret
+    padded to 16-byte chunks, each chunk shared by pycryptodome; a share is its 4-byte index
+    then its share of every chunk (Flower's layout)."""
+    padded = pad(secret, 16)
+    shares = [bytearray(i.to_bytes(4, "little")) for i in range(1, count + 1)]
+    for start in range(0, len(padded), 16):
+        for index, part in Shamir.split(threshold, count, padded[start : start + 16], ssss=False):
+            shares[index - 1] += part
+    return [bytes(s) for s in shares]
+
+
+def combine_shares(shares: list[bytes]) -> bytes:
+    """The secret from ``threshold`` shares of :func:`create_shares`; ValueError if they do not
+    make one (wrong shares usually break the padding)."""
+    chunks = (len(shares[0]) - 4) // 16
+    if chunks < 1 or any(len(s) != 4 + 16 * chunks for s in shares):
+        raise ValueError("shares of different lengths")
+    padded = b"".join(
+        Shamir.combine(
+            [(int.from_bytes(s[:4], "little"), s[4 + 16 * c : 20 + 16 * c]) for s in shares],
+            ssss=False,
+        )
+        for c in range(chunks)
+    )
+    return unpad(padded, 16)
 
 
 def prg(seed: bytes, length: int, spec: FieldSpec) -> np.ndarray:
@@ -199,8 +230,7 @@ class Client:
             if j == self.cid:
                 self._own = plain
                 continue
-            key = generate_shared_key(self._enc, _public_key(roster[j].encryption_key))
-            out[j] = encrypt(key, plain)
+            out[j] = _fernet(self._enc, roster[j].encryption_key).encrypt(plain)
         return out
 
     def masked_input(
@@ -217,7 +247,7 @@ class Client:
             raise SecAggError("a value is outside Z_2^m: quantize first")
         y = add(x, prg(self._self_seed, len(x), spec), spec)
         for j in sorted(received):
-            p = prg(_pair_seed(self._mask, self._roster[j].mask_key), len(x), spec)
+            p = prg(_agreed_key(self._mask, self._roster[j].mask_key), len(x), spec)
             y = add(y, p, spec) if self.cid < j else subtract(y, p, spec)
         return y
 
@@ -236,9 +266,9 @@ class Client:
             if j == self.cid:
                 plain = self._own
             else:
-                key = generate_shared_key(self._enc, _public_key(self._roster[j].encryption_key))
+                fernet = _fernet(self._enc, self._roster[j].encryption_key)
                 try:
-                    plain = decrypt(key, self._peers[j])
+                    plain = fernet.decrypt(self._peers[j])
                 except InvalidToken:  # tampered with, or not encrypted to this client
                     raise SecAggError(f"the shares from client {j} do not decrypt") from None
             sender, receiver, b_share, s_share = _unpack_shares(plain)
@@ -305,7 +335,7 @@ def unmask_sum(
         liars.update({j: bad} if bad else {})
         key = _private_key(value)
         for i in survivors:  # y_i holds +PRG(s_ij) if i < j, else -PRG(s_ij)
-            p = prg(_pair_seed(key, roster[i].mask_key), length, spec)
+            p = prg(_agreed_key(key, roster[i].mask_key), length, spec)
             total = subtract(total, p, spec) if i < j else add(total, p, spec)
     return Unmasked(total, survivors, dropped, liars)
 
