@@ -42,4 +42,5 @@ def test_tiny_federation_with_secure_aggregation_completes_and_counts_every_step
         assert r["secure_survivors"] == 4
         assert set(r["secure_bytes"]) == {"setup", "share", "unmask"}
         assert all(v > 0 for v in r["secure_bytes"].values())
+        assert r["secure_dropouts"] == 0 and 0 < r["secure_bits_per_weight"] < 32
     assert results["final"]["accuracy"] is not None

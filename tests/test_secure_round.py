@@ -120,6 +120,9 @@ def test_a_secure_round_moves_the_global_on_the_shared_pattern_only(
     assert stats.replies == 4 and stats.failures == []
     assert set(stats.secure_bytes) == {"setup", "share", "unmask"}
     assert all(v > 0 for v in stats.secure_bytes.values())
+    assert stats.secure_dropouts == 0
+    # all steps of a client, per exchanged weight: far below float32's 32 bits
+    assert 0.0 < stats.secure_bits_per_weight < 32.0
     # a reply is the masked vector, one byte a shared weight (m = 5 + 2 bits), plus ~0.9 KB of
     # metrics and record framing
     kept = round(cfg.secure.keep * before.size)
@@ -134,6 +137,7 @@ def test_a_dropout_after_masking_is_survived_and_too_many_fail_the_round(tmp_pat
     _, (new, _) = _train_round(strategy, arrays, config, grid)
 
     assert new is not None and strategy.traffic[1].replies == 3
+    assert strategy.traffic[1].secure_dropouts == 1
     assert [n for n, _ in strategy.traffic[1].failures] == [101]
 
     grid.drop["train"] = {101, 102}  # two of four: below the threshold of 3

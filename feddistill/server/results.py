@@ -119,7 +119,12 @@ class RunRecord:
             "aggregation_errors": list(traffic.aggregation_errors),
             # Secure aggregation: every protocol message by step, both directions, all clients
             **(
-                {"secure_bytes": dict(traffic.secure_bytes), "secure_survivors": traffic.replies}
+                {
+                    "secure_bytes": dict(traffic.secure_bytes),
+                    "secure_survivors": traffic.replies,
+                    "secure_dropouts": traffic.secure_dropouts,
+                    "secure_bits_per_weight": traffic.secure_bits_per_weight,
+                }
                 if traffic.secure_bytes
                 else {}
             ),

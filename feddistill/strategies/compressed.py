@@ -120,6 +120,8 @@ class RoundTraffic:
     eval_capped_examples: list[tuple[int, int, int]] = field(default_factory=list)
     aggregation_errors: list[str] = field(default_factory=list)  # the inner strategy raised
     secure_bytes: dict[str, int] = field(default_factory=dict)  # secure aggregation, by step
+    secure_dropouts: int = 0  # shared keys (step 1) but sent no masked vector
+    secure_bits_per_weight: float = 0.0  # a client's bytes, all steps, x 8 / exchanged weights
 
 
 @dataclass
@@ -471,6 +473,11 @@ class CompressedStrategy(Strategy):
         finally:
             self.secure.rounds.pop(server_round, None)
         stats.secure_bytes.update(sent)
+        stats.secure_dropouts = self.secure.last_dropouts
+        per_client = (
+            sum(stats.bytes_up[c.node] for c in candidates) + sum(stats.secure_bytes.values())
+        ) / max(len(candidates), 1)
+        stats.secure_bits_per_weight = 8.0 * per_client / self.secure.size
         shared = self._shared_metrics(candidates)
         first = candidates[0]
         first.metrics = {k: float(np.mean([c.metrics[k] for c in candidates])) for k in shared}

@@ -65,6 +65,7 @@ class SecureAggregation:
         self.timeout = timeout
         self.pattern_seed = secrets.randbits(62)  # public; drawn per run, kept for resume
         self.rounds: dict[int, SecureRound] = {}
+        self.last_dropouts = 0  # of the last aggregated round: in U1, no masked vector
 
     @property
     def max_values(self) -> int:
@@ -188,6 +189,7 @@ class SecureAggregation:
         state = self.rounds.pop(server_round)
         sent: dict[str, int] = {}
         masked = {state.index[n]: v for n, v in masked_by_node.items()}
+        self.last_dropouts = len(state.u1) - len(masked)
         if len(masked) < state.threshold:
             raise SecAggError(f"{len(masked)} masked vectors; the threshold is {state.threshold}")
         request = {"survivors": sorted(masked)}
