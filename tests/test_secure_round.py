@@ -153,3 +153,17 @@ def test_secure_aggregation_is_refused_for_rules_that_need_each_update(tmp_path:
         tiny_config(tmp_path, **{**SECURE, "server.weighting": "examples"})
     with pytest.raises(ConfigError, match="at least 3 clients per round"):
         tiny_config(tmp_path, **{**SECURE, "server.clients-per-round": 2})
+
+
+def test_a_round_left_with_two_clients_after_setup_sends_no_update(tmp_path: Path) -> None:
+    """Threshold 3 of 4 would allow one dropout, but the setup never goes ahead with fewer than
+    three clients: with two, each would learn the other's update from the sum."""
+    _, _, strategy, config, arrays = _setup(tmp_path, **{"secure.dropout": 0.49})  # t = 3
+    grid = LoopbackGrid(tmp_path, 4)
+    grid.drop["train.secagg_setup"] = {101, 102}
+
+    messages, (new, _) = _train_round(strategy, arrays, config, grid)
+
+    assert messages == [] and new is None
+    assert sorted(n for n, _ in strategy.traffic[1].failures) == [101, 102]
+    assert "setup left fewer clients" in strategy.traffic[1].round_failure  # named, no crash

@@ -108,7 +108,7 @@ class SecureAggregation:
             except SecAggError as err:
                 failures.append((node, f"secure setup: {err}"))
         self._missing("secagg_setup", nodes, replies, failures)
-        if len(roster) < threshold:
+        if len(roster) < max(threshold, 3):  # with two, each learns the other's update
             return [], sent
 
         # Clients are named by their index in the roster (1..n), never by node id: node ids
@@ -143,8 +143,14 @@ class SecureAggregation:
                 failures.append((node, f"secure share: {err}"))
         self._missing("secagg_share", nodes_in, replies, failures)
         u1 = sorted(outbox)
-        if len(u1) < threshold:
+        if len(u1) < max(threshold, 3):
             return [], sent
+        log.info(
+            "round %d: secure aggregation: %d clients hold each other's shares (threshold %d)",
+            server_round,
+            len(u1),
+            threshold,
+        )
 
         spec = FieldSpec(self.settings.bits, self.settings.clip, len(u1))
         pattern = shared_pattern(self.pattern_seed, server_round, self.size, self.settings.keep)
@@ -186,7 +192,11 @@ class SecureAggregation:
     ) -> tuple[np.ndarray, int, dict[str, int]]:
         """The mean update of the survivors (flat, dense), their count and step 3's bytes;
         SecAggError when the sum cannot be recovered."""
-        state = self.rounds.pop(server_round)
+        state = self.rounds.pop(server_round, None)
+        if state is None:
+            raise SecAggError(
+                "the setup left fewer clients than the threshold (or than 3): nothing to unmask"
+            )
         sent: dict[str, int] = {}
         masked = {state.index[n]: v for n, v in masked_by_node.items()}
         self.last_dropouts = len(state.u1) - len(masked)
