@@ -89,7 +89,10 @@ def build_strategy(
         privacy=CentralPrivacy.from_config(cfg, num_nodes),
         secure=(
             SecureAggregation(
-                cfg.secure, sum(math.prod(shape) for _, shape in schema), cfg.server.round_timeout
+                cfg.secure,
+                sum(math.prod(shape) for _, shape in schema),
+                cfg.server.round_timeout,
+                seed=cfg.seed,
             )
             if cfg.secure.aggregation
             else None

@@ -16,7 +16,6 @@ named in the round's failures; too many dropouts fail the round, never the serve
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,11 +58,13 @@ class SecureRound:
 
 
 class SecureAggregation:
-    def __init__(self, settings: SecureConfig, size: int, timeout: float) -> None:
+    def __init__(self, settings: SecureConfig, size: int, timeout: float, seed: int = 0) -> None:
         self.settings = settings
         self.size = size  # exchanged weights
         self.timeout = timeout
-        self.pattern_seed = secrets.randbits(62)  # public; drawn per run, kept for resume
+        # The patterns are public (they depend on no update), so they follow the run's seed
+        # like everything else that makes a run repeatable; kept in the state for resume.
+        self.pattern_seed = (seed * 1_000_003 + 0x5EC) % (1 << 62)
         self.rounds: dict[int, SecureRound] = {}
         self.last_dropouts = 0  # of the last aggregated round: in U1, no masked vector
 
