@@ -167,6 +167,7 @@ class Client:
         self._roster: dict[int, Advertised] = {}
         self._peers: dict[int, bytes] = {}  # U1 minus this client: the ciphertexts it got
         self._threshold = 0
+        self._own = b""  # this client's own pair of shares (share_keys)
 
     def dump(self) -> bytes:
         """This client's round state, to keep on the node between the protocol's messages
@@ -185,7 +186,7 @@ class Client:
                                 a.self_mask_commitment.hex()]
                        for j, a in self._roster.items()},
             "peers": {str(j): c.decode() for j, c in self._peers.items()},
-            "own": getattr(self, "_own", b"").hex(),
+            "own": self._own.hex(),
         }  # fmt: skip
         return json.dumps(state).encode()
 
