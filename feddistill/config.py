@@ -406,7 +406,7 @@ class CacheConfig:
         _check_range("cache.max-mb", self.max_mb, lo=0)
 
 
-PrivacyMode = Literal["none", "central"]
+PrivacyMode = Literal["none", "central", "distributed"]
 PRIVACY_MODES: tuple[str, ...] = get_args(PrivacyMode)
 
 
@@ -456,7 +456,9 @@ class PrivacyConfig:
     ``server.clients-per-round / data.num-clients``) and adds Gaussian noise of standard
     deviation ``noise_multiplier * clip`` to the sum of the updates (the server is trusted).
     ``noise_multiplier = 0`` derives it from ``target_epsilon`` for the planned ``rounds``.
-    ``delta = 0`` means ``1 / N^1.1``. ``adaptive_clip``: the clip follows the
+    ``delta = 0`` means ``1 / N^1.1``. ``mode = "distributed"`` (with secure aggregation): the
+    clients add integer Skellam noise inside their masked vectors instead, the server never
+    sees an update (:mod:`feddistill.secagg.distributed`). ``adaptive_clip``: the clip follows the
     ``target_quantile`` of the update norms (Andrew et al. 2021) at rate ``clip_lr``, starting
     at ``clip``; the clipped count gets noise of std ``clipped_count_stddev`` (0: the
     expected clients per round / 20, the paper's choice).
@@ -488,12 +490,29 @@ class PrivacyConfig:
                 "privacy.noise-multiplier",
                 self.noise_multiplier,
                 "exactly one of privacy.noise-multiplier > 0 or privacy.target-epsilon > 0 "
-                f"with privacy.mode = 'central' (privacy.target-epsilon = {self.target_epsilon:g})",
+                f"with privacy.mode = {self.mode!r} (privacy.target-epsilon = "
+                f"{self.target_epsilon:g})",
+            )
+        if self.mode == "distributed" and self.adaptive_clip:
+            raise ConfigError(
+                "invalid config privacy.adaptive-clip = true with privacy.mode = 'distributed': "
+                "the clipped count would have to be summed securely too (not built); expected "
+                "privacy.adaptive-clip = false"
             )
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def central(self) -> bool:
+        """The server adds the noise (and samples by Poisson sampling)."""
+        return self.mode == "central"
+
+    @property
+    def distributed(self) -> bool:
+        """The clients add the noise inside their masked vectors (secure aggregation)."""
+        return self.mode == "distributed"
 
 
 TrackingBackend = Literal["none", "tensorboard", "mlflow"]
@@ -632,12 +651,12 @@ class Config:
                 "would need each client's count and update apart); expected "
                 "server.weighting = 'uniform'"
             )
-        if self.privacy.enabled:
+        if self.privacy.central:
             raise ConfigError(
                 f"invalid config privacy.mode = {self.privacy.mode!r} with secure.aggregation "
                 "= true: central DP adds its noise at the server to updates it can see; with "
-                "secure aggregation the clients would have to add it (distributed DP, not "
-                "offered yet); expected privacy.mode = 'none'"
+                "secure aggregation the clients add it; expected privacy.mode = 'distributed' "
+                "or 'none'"
             )
         per_round = s.num_sampled(s.clients_per_round, self.data.num_clients)
         if per_round < 3:
@@ -652,6 +671,12 @@ class Config:
         """Central DP needs a mean-based rule, uniform weights and a delta below 1/N."""
         if not self.privacy.enabled:
             return
+        if self.privacy.distributed and not self.secure.aggregation:
+            raise ConfigError(
+                "invalid config privacy.mode = 'distributed' with secure.aggregation = false: "
+                "the clients' noise shares protect only a sum the server cannot see apart; "
+                "expected secure.aggregation = true, or privacy.mode = 'central'"
+            )
         s = self.server
         if not STRATEGIES[s.strategy].composes_with_dp:
             ok = ", ".join(repr(k) for k, v in STRATEGIES.items() if v.composes_with_dp)
@@ -895,8 +920,9 @@ DESCRIPTIONS: dict[str, str] = {
     "pattern shared by the round's clients; error feedback keeps the rest)",
     "secure.dropout": "share of a round's clients that may drop out after masking; beyond it "
     "the round fails (Shamir threshold = clients - floor(dropout * clients))",
-    "privacy.mode": "client-level differential privacy: `none` or `central` (server adds the "
-    "noise; docs/privacy.md)",
+    "privacy.mode": "client-level differential privacy: `none`, `central` (the server adds the "
+    "noise) or `distributed` (each client adds a share inside secure aggregation; "
+    "docs/privacy.md)",
     "privacy.clip": "L2 norm C each client's update is clipped to (the start value when adaptive)",
     "privacy.adaptive-clip": "let C follow a quantile of the update norms (Andrew et al. 2021)",
     "privacy.target-quantile": "share of updates adaptive clipping aims to leave unclipped",

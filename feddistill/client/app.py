@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -167,11 +168,18 @@ def _secure_input(msg: Message, context: Context, server_round: int) -> SecureIn
     client = _load_secagg(context, server_round)
     if _field(record, "you", int) != client.cid:
         raise SecAggError("the server names this node differently than in the share step")
+    noise: dict[str, Any] = {}
+    if "noise-multiplier" in record:  # distributed DP
+        noise = {
+            "noise_multiplier": float(_field(record, "noise-multiplier", float)),  # type: ignore[arg-type]
+            "threshold": int(_field(record, "threshold", int)),  # type: ignore[call-overload]
+        }
     return SecureInput(
         client,
         dict(zip(peers, cts, strict=True)),
         int(_field(record, "pattern-seed", int)),  # type: ignore[call-overload]
         int(_field(record, "clients", int)),  # type: ignore[call-overload]
+        **noise,
     )
 
 

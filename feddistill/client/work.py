@@ -11,6 +11,7 @@ import copy
 import functools
 import hashlib
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from feddistill.run_inputs import (
     local_file_split,
     teacher_cache_key,
 )
+from feddistill.secagg.distributed import NoisyField, encode_noisy, rotation_signs
 from feddistill.secagg.protocol import Client as SecAggClient
 from feddistill.secagg.protocol import pack
 from feddistill.secagg.quantize import FieldSpec, encode_update, shared_pattern
@@ -89,6 +91,8 @@ class SecureInput:
     received: dict[int, bytes]
     pattern_seed: int
     clients: int
+    noise_multiplier: float = 0.0  # distributed DP: sigma, and the fewest survivors t the
+    threshold: int = 0  # noise shares are sized for (each client adds variance mu / t)
 
 
 def node_data(cfg: Config, labels: Labels, node_config: dict[str, Any]) -> NodeData:
@@ -241,6 +245,10 @@ def train_round(
         encoded, privacy_metrics = private_update(cfg, inp, models, state, update, spec, seed)
         payload = encoded.payload
 
+    if cfg.privacy.distributed:
+        # The server is not trusted: nothing computed from the data leaves but the noisy sum
+        # (the example count is reported as 1; weighting is uniform under secure aggregation).
+        return payload, {keys.NUM_EXAMPLES: 1.0}
     metrics = {  # keys.TRAIN_REPLY declares these
         **privacy_metrics,
         keys.NUM_EXAMPLES: float(len(data.train)),
@@ -281,7 +289,7 @@ def private_update(
         residual = state.load_residual(models.schema, before_round=inp.server_round, run=inp.run_id)
         update = with_residual(update, residual)
     extra: dict[str, float] = {}
-    if cfg.privacy.enabled:
+    if cfg.privacy.central:
         clip = inp.clip_norm if inp.clip_norm > 0 else cfg.privacy.clip
         update, norm = clip_to_norm(update, clip)
         extra[NORM_BIT] = float(norm > clip)
@@ -301,15 +309,33 @@ def secure_update(
     seed: int,
 ) -> np.ndarray:
     """Error feedback, the round's shared pattern, clipping and stochastic rounding, then the
-    masks (:mod:`feddistill.secagg`); what the pattern and the clip left out is the residual."""
+    masks (:mod:`feddistill.secagg`); what the pattern and the clip left out is the residual.
+
+    With distributed DP the pattern's values are clipped to ``privacy.clip``, rotated, rounded
+    to integers and given this client's share of the noise
+    (:mod:`feddistill.secagg.distributed`); the noise and the rounding draw from OS entropy,
+    and the residual keeps only the encoding's error on the clipped values (as central DP).
+    """
     sec, cfg = inp.secure, inp.cfg
     assert sec is not None
     s = cfg.secure
     residual = state.load_residual(models.schema, before_round=inp.server_round, run=inp.run_id)
     flat = np.concatenate([np.ravel(update[n] + residual.get(n, 0.0)) for n in models.names])
-    spec = FieldSpec(s.bits, s.clip, sec.clients)
     pattern = shared_pattern(sec.pattern_seed, inp.server_round, flat.size, s.keep)
-    values, rest = encode_update(flat, pattern, spec, np.random.default_rng(seed))
+    spec: FieldSpec | NoisyField
+    if cfg.privacy.distributed:
+        spec = NoisyField(
+            s.bits, cfg.privacy.clip, len(pattern), sec.clients, sec.threshold,
+            sec.noise_multiplier,
+        )  # fmt: skip
+        rng = np.random.default_rng(secrets.randbits(128))
+        signs = rotation_signs(sec.pattern_seed, inp.server_round, spec.padded)
+        values, clipped, counted = encode_noisy(flat[pattern], spec, signs, rng, rng)
+        rest = flat.copy()
+        rest[pattern] = clipped - counted
+    else:
+        spec = FieldSpec(s.bits, s.clip, sec.clients)
+        values, rest = encode_update(flat, pattern, spec, np.random.default_rng(seed))
     state.save_residual(unflatten(models.names, rest, dict(models.schema)), inp.server_round,
                         run=inp.run_id)  # fmt: skip
     masked = sec.client.masked_input(values, sec.received, spec)

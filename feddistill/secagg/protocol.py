@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from feddistill.secagg.quantize import FieldSpec, SecAggError, add, subtract
+from feddistill.secagg.quantize import Group, SecAggError, add, subtract
 
 CURVE = ec.SECP384R1()
 _KEY_BYTES = 48  # a P-384 private value
@@ -130,7 +130,7 @@ def combine_shares(shares: list[bytes]) -> bytes:
     return unpad(padded, 16)
 
 
-def prg(seed: bytes, length: int, spec: FieldSpec) -> np.ndarray:
+def prg(seed: bytes, length: int, spec: Group) -> np.ndarray:
     """``length`` uniform elements of ``Z_{2^m}`` from ``seed`` (ChaCha20 keystream)."""
     key = hashlib.sha256(seed).digest()
     stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
@@ -235,7 +235,7 @@ class Client:
         return out
 
     def masked_input(
-        self, values: np.ndarray, received: Mapping[int, bytes], spec: FieldSpec
+        self, values: np.ndarray, received: Mapping[int, bytes], spec: Group
     ) -> np.ndarray:
         """``values`` (group elements) masked; ``received``: the ciphertexts addressed to this
         client by the other clients of ``U1``, as the server forwarded them."""
@@ -304,7 +304,7 @@ def unmask_sum(
     u1: Collection[int],
     masked: Mapping[int, np.ndarray],
     responses: Mapping[int, Mapping[int, Share]],
-    spec: FieldSpec,
+    spec: Group,
     threshold: int,
 ) -> Unmasked:
     """The server's last step: the sum of ``masked`` (the vectors of ``U2``) without masks."""
@@ -393,14 +393,14 @@ def _combine(shares: list[bytes]) -> bytes | None:
         return None
 
 
-def pack(values: np.ndarray, spec: FieldSpec) -> bytes:
+def pack(values: np.ndarray, spec: Group) -> bytes:
     """Group elements on the wire: ``ceil(m / 8)`` little-endian bytes each."""
     width = (spec.modulus_bits + 7) // 8
     raw = np.asarray(values, dtype="<u8").view(np.uint8).reshape(-1, 8)
     return raw[:, :width].tobytes()
 
 
-def unpack(data: bytes, length: int, spec: FieldSpec) -> np.ndarray:
+def unpack(data: bytes, length: int, spec: Group) -> np.ndarray:
     width = (spec.modulus_bits + 7) // 8
     if len(data) != width * length:
         raise SecAggError(f"masked vector of {len(data)} bytes; expected {width * length}")

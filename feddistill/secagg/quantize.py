@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -22,6 +23,17 @@ MAX_MODULUS_BITS = 62  # uint64 arithmetic: a + b of two values below 2^62 canno
 
 class SecAggError(ValueError):
     """A secure-aggregation setting or message that cannot work; the message says which."""
+
+
+class Group(Protocol):
+    """What masking needs of a round's encoding: the group ``Z_{2^m}``. :class:`FieldSpec`
+    (plain quantization) and :class:`feddistill.secagg.distributed.NoisyField` (with noise)."""
+
+    @property
+    def modulus_bits(self) -> int: ...
+
+    @property
+    def mask(self) -> np.uint64: ...
 
 
 @dataclass(frozen=True)
@@ -96,11 +108,11 @@ def dequantize_sum(total: np.ndarray, spec: FieldSpec, count: int) -> np.ndarray
     return (total.astype(np.float64) * step - count * spec.clip).astype(np.float32)
 
 
-def add(a: np.ndarray, b: np.ndarray, spec: FieldSpec) -> np.ndarray:
+def add(a: np.ndarray, b: np.ndarray, spec: Group) -> np.ndarray:
     return (a + b) & spec.mask
 
 
-def subtract(a: np.ndarray, b: np.ndarray, spec: FieldSpec) -> np.ndarray:
+def subtract(a: np.ndarray, b: np.ndarray, spec: Group) -> np.ndarray:
     return (a - b) & spec.mask  # uint64 wraps modulo 2^64, a multiple of 2^m
 
 

@@ -202,7 +202,7 @@ class ServerRun:
             return metrics
         self.checkpoints.write(server_round, self.evaluator.model)
         now = time.time()
-        privacy = self.strategy.privacy
+        privacy = self.strategy.accountant
         entry = self.record.add_round(
             server_round,
             self.cfg.rounds,

@@ -143,8 +143,8 @@ def _run_server(
     else:
         extra.update({"local_only_accuracy": None})
     extra.update(_cache_usage(cfg, simulated))
-    if strategy.privacy is not None:
-        extra["privacy_guarantee"] = strategy.privacy.guarantee(len(record.rounds))
+    if strategy.accountant is not None:
+        extra["privacy_guarantee"] = strategy.accountant.guarantee(len(record.rounds))
         log.info("privacy: %s", extra["privacy_guarantee"])
     record.finish(**extra)
     tracker.finish(record.final, student_dir)

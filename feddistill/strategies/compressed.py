@@ -73,7 +73,7 @@ from feddistill.strategies.admission import (
     norm_bound,
     update_norm,
 )
-from feddistill.strategies.private import CentralPrivacy
+from feddistill.strategies.private import CentralPrivacy, DistributedPrivacy
 from feddistill.strategies.secure import SecureAggregation
 from feddistill.strategies.state import (
     UndeclaredStateError,
@@ -171,7 +171,7 @@ class CompressedStrategy(Strategy):
         self.downlink = downlink
         self.max_payload_bytes = payload_limit(self.schema, uplink, max_payload_bytes)
         if secure is not None:  # a masked vector: at most 8 bytes for each shared coordinate
-            self.max_payload_bytes = max(self.max_payload_bytes, 8 * secure.max_values)
+            self.max_payload_bytes = max(self.max_payload_bytes, 8 * secure.max_length)
         self._grid: Grid | None = None  # secure aggregation: the round's Grid, for step 3
         self.admission = admission or AdmissionPolicy()
         # node -> (training, validation) examples it holds, where the server knows (simulation)
@@ -280,6 +280,13 @@ class CompressedStrategy(Strategy):
             self.chain.forget(node)
 
     # -- resume -------------------------------------------------------------------------------
+    @property
+    def accountant(self) -> CentralPrivacy | DistributedPrivacy | None:
+        """What reports epsilon: central DP's step, or distributed DP's (secure aggregation)."""
+        if self.privacy is not None:
+            return self.privacy
+        return None if self.secure is None else self.secure.privacy
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs from this wrapper: the downlink chain (``None`` for the
         stateless downlink), the inner strategy's state and the privacy step's (its clip). The

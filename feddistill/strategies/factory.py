@@ -12,10 +12,11 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from feddistill.aggregation import STRATEGIES, requirement
-from feddistill.config import Config
+from feddistill.config import Config, ConfigError
+from feddistill.secagg.quantize import SecAggError
 from feddistill.strategies.admission import AdmissionPolicy
 from feddistill.strategies.compressed import CompressedStrategy, RoundTraffic
-from feddistill.strategies.private import CentralPrivacy
+from feddistill.strategies.private import CentralPrivacy, DistributedPrivacy
 from feddistill.strategies.robust import ReplyFloor
 from feddistill.strategies.secure import SecureAggregation
 
@@ -31,7 +32,7 @@ def inner_strategy(cfg: Config, num_nodes: int) -> Strategy:
     """
     s = cfg.server
     n_train = s.num_sampled(s.clients_per_round, num_nodes)
-    if cfg.privacy.enabled:
+    if cfg.privacy.central:
         # Poisson sampling: address every node; CentralPrivacy.select keeps each with rate q.
         n_train = num_nodes
     n_eval = 0 if s.evaluate_clients == 0 else s.num_sampled(s.evaluate_clients, num_nodes)
@@ -81,22 +82,13 @@ def build_strategy(
             # With privacy on, the server clips every update to privacy.clip instead: a bound
             # taken from the round's median norm would let one client's data decide whether
             # another's update counts, which breaks the sensitivity the accountant assumes.
-            max_update_norm_ratio=0.0 if cfg.privacy.enabled else s.max_update_norm_ratio,
+            max_update_norm_ratio=0.0 if cfg.privacy.central else s.max_update_norm_ratio,
             max_update_norm=s.max_update_norm,
             norm_action=s.update_norm_action,
         ),
         known_examples=known_examples,
         privacy=CentralPrivacy.from_config(cfg, num_nodes),
-        secure=(
-            SecureAggregation(
-                cfg.secure,
-                sum(math.prod(shape) for _, shape in schema),
-                cfg.server.round_timeout,
-                seed=cfg.seed,
-            )
-            if cfg.secure.aggregation
-            else None
-        ),
+        secure=secure_aggregation(cfg, num_nodes, schema),
     )
     if isinstance(inner, ReplyFloor):
 
@@ -105,6 +97,31 @@ def build_strategy(
 
         inner.on_shortfall = record
     return strategy
+
+
+def secure_aggregation(
+    cfg: Config, num_nodes: int, schema: list[tuple[str, tuple[int, ...]]]
+) -> SecureAggregation | None:
+    """The secure-aggregation steps (with distributed DP's noise settings when asked);
+    a setting whose group cannot hold a round of ``num_nodes`` is refused here, at start."""
+    if not cfg.secure.aggregation:
+        return None
+    size = sum(math.prod(shape) for _, shape in schema)
+    secure = SecureAggregation(cfg.secure, size, cfg.server.round_timeout, seed=cfg.seed)
+    if cfg.privacy.distributed:
+        secure.privacy = DistributedPrivacy(
+            cfg.privacy,
+            bits=cfg.secure.bits,
+            values=secure.max_values,
+            num_clients=num_nodes,
+            rounds=cfg.rounds,
+        )
+    n = max(3, cfg.server.num_sampled(cfg.server.clients_per_round, num_nodes))
+    try:
+        secure.field(n, cfg.secure.threshold(n), secure.max_values)
+    except SecAggError as err:
+        raise ConfigError(f"invalid config secure.bits = {cfg.secure.bits}: {err}") from None
+    return secure
 
 
 def _log_tolerance(cfg: Config, num_nodes: int, needed: int, rule: str) -> None:

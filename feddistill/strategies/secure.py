@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from feddistill import keys
 from feddistill.config import SecureConfig
 from feddistill.records import message_bytes
+from feddistill.secagg.distributed import NoisyField, decode_sum, rotation_signs
 from feddistill.secagg.protocol import (
     MASK_KEY,
     SELF_MASK,
@@ -36,6 +37,7 @@ from feddistill.secagg.protocol import (
     unpack,
 )
 from feddistill.secagg.quantize import FieldSpec, SecAggError, mean_update, shared_pattern
+from feddistill.strategies.private import DistributedPrivacy
 
 log = logging.getLogger("feddistill")
 
@@ -49,17 +51,31 @@ MAX_SHARE_BYTES = 1024
 class SecureRound:
     """What the server keeps between a round's steps."""
 
-    spec: FieldSpec
+    spec: FieldSpec | NoisyField
     threshold: int
     pattern: np.ndarray
     roster: dict[int, Advertised]  # by protocol index (1..n, node ids in sorted order)
     u1: list[int]  # indices
     index: dict[int, int] = field(default_factory=dict)  # node id -> index
+    signs: np.ndarray | None = None  # distributed DP: the round's public rotation
+
+    @property
+    def length(self) -> int:
+        """Values in a masked vector: the pattern's, padded to the rotation's size with DP."""
+        return self.spec.padded if isinstance(self.spec, NoisyField) else len(self.pattern)
 
 
 class SecureAggregation:
-    def __init__(self, settings: SecureConfig, size: int, timeout: float, seed: int = 0) -> None:
+    def __init__(
+        self,
+        settings: SecureConfig,
+        size: int,
+        timeout: float,
+        seed: int = 0,
+        privacy: DistributedPrivacy | None = None,
+    ) -> None:
         self.settings = settings
+        self.privacy = privacy  # distributed DP: the clients add noise; sigma and epsilon here
         self.size = size  # exchanged weights
         self.timeout = timeout
         # The patterns are public (they depend on no update), so they follow the run's seed
@@ -71,7 +87,26 @@ class SecureAggregation:
     @property
     def max_values(self) -> int:
         """The most coordinates a round's pattern holds."""
-        return max(1, round(self.settings.keep * self.size))
+        return max(1, min(self.size, round(self.settings.keep * self.size)))
+
+    @property
+    def max_length(self) -> int:
+        """The most values a masked vector holds (with DP, padded to a power of two)."""
+        n = self.max_values
+        return 1 << max(0, (n - 1).bit_length()) if self.privacy is not None else n
+
+    def field(self, clients: int, threshold: int, values: int) -> FieldSpec | NoisyField:
+        """The round's group: plain quantization, or the integer encoding with DP noise."""
+        if self.privacy is None:
+            return FieldSpec(self.settings.bits, self.settings.clip, clients)
+        return NoisyField(
+            self.settings.bits,
+            self.privacy.settings.clip,
+            values,
+            clients,
+            threshold,
+            self.privacy.noise_multiplier,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"pattern_seed": self.pattern_seed}
@@ -153,9 +188,23 @@ class SecureAggregation:
             threshold,
         )
 
-        spec = FieldSpec(self.settings.bits, self.settings.clip, len(u1))
         pattern = shared_pattern(self.pattern_seed, server_round, self.size, self.settings.keep)
-        self.rounds[server_round] = SecureRound(spec, threshold, pattern, by_index, u1, index)
+        try:
+            spec = self.field(len(u1), threshold, len(pattern))
+        except SecAggError as err:
+            failures.extend((n, f"secure setup: {err}") for n in nodes_in)
+            return [], sent
+        signs = (
+            rotation_signs(self.pattern_seed, server_round, spec.padded)
+            if isinstance(spec, NoisyField)
+            else None
+        )
+        self.rounds[server_round] = SecureRound(
+            spec, threshold, pattern, by_index, u1, index, signs
+        )
+        noise = {} if self.privacy is None else {
+            "noise-multiplier": self.privacy.noise_multiplier, "threshold": threshold
+        }  # fmt: skip
         out = []
         for node in nodes_in:
             me = index[node]
@@ -171,6 +220,7 @@ class SecureAggregation:
                     "ciphertexts": [outbox[j][me] for j in peers],
                     "pattern-seed": self.pattern_seed,
                     "clients": len(u1),
+                    **noise,
                 }
             )
             out.append(msg)
@@ -182,7 +232,7 @@ class SecureAggregation:
         state = self.rounds.get(server_round)
         if state is None or state.index.get(node) not in state.u1:
             raise SecAggError(f"node {node} did not take part in round {server_round}'s setup")
-        return unpack(payload.tobytes(), len(state.pattern), state.spec)
+        return unpack(payload.tobytes(), state.length, state.spec)
 
     def aggregate(
         self,
@@ -232,7 +282,14 @@ class SecureAggregation:
                 reason = f"secure unmask: a wrong share of node {node_of[owner]}'s secret"
                 failures.append((node_of[liar], reason))
         count = len(result.survivors)
-        mean = mean_update(result.total, state.pattern, self.size, state.spec, count)
+        if isinstance(state.spec, NoisyField):
+            assert state.signs is not None and self.privacy is not None
+            mean = np.zeros(self.size, dtype=np.float32)
+            mean[state.pattern] = decode_sum(result.total, state.spec, state.signs) / count
+            noise = state.spec.step * np.sqrt(state.spec.client_variance * count) / count
+            self.privacy.record(server_round, float(noise))
+        else:
+            mean = mean_update(result.total, state.pattern, self.size, state.spec, count)
         return mean, count, sent
 
     # -- messages -----------------------------------------------------------------------------
