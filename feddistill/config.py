@@ -157,16 +157,29 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """Local fine-tuning of each client's teacher (done once per client, then cached)."""
+    """Local fine-tuning of each client's teacher (done once per client, then cached).
 
-    epochs: int = 6
+    Trained to a plateau (:mod:`feddistill.distill.early_stop`): ``holdout`` of the client's
+    training rows are held out, and training stops once their accuracy has not improved for
+    ``patience`` epochs, after ``epochs`` epochs at most, or after ``max_minutes``; the best
+    epoch's weights are kept. A client with fewer than 20 holdout rows trains ``epochs`` epochs
+    on all its rows. ``patience = 0`` turns early stopping off (``epochs`` epochs, all rows).
+    """
+
+    epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 8
+    patience: int = 2
+    holdout: float = 0.1
+    max_minutes: float = 30.0
 
     def __post_init__(self) -> None:
         _check_range("teacher.epochs", self.epochs, lo=0, hi=1000)
         _check_range("teacher.lr", self.lr, lo=0, lo_open=True, hi=1.0)
         _check_range("teacher.batch-size", self.batch_size, lo=1)
+        _check_range("teacher.patience", self.patience, lo=0, hi=1000)
+        _check_range("teacher.holdout", self.holdout, lo=0, hi=0.5)
+        _check_range("teacher.max-minutes", self.max_minutes, lo=0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -211,6 +224,9 @@ class TrainConfig:
         _check_range("train.weight-decay", self.weight_decay, lo=0, hi=1.0)
 
 
+AverageWhen = Literal["flat", "always"]
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Round structure and the Flower strategy that aggregates (decoded) updates.
@@ -232,6 +248,10 @@ class ServerConfig:
     ``average_last``: the run's output model is the average of the global models of the last
     rounds (< 1: that fraction of ``rounds``, rounded up; >= 1: a count; 0: the last global), so
     that no single round's client sample decides it (docs/aggregation.md, "Averaged output model").
+    ``average_when = "flat"`` averages only if the window's federated validation accuracy shows
+    no rising trend (else the last global is the output: averaging a model that is still
+    learning returns an older one); ``always`` averages regardless. Without federated
+    evaluation there is no trend to judge and the window is averaged.
 
     Admission control (docs/robustness.md): ``max_examples_factor`` caps a reply's
     ``num-examples`` at that multiple of the round's median claim where the server does not
@@ -257,6 +277,7 @@ class ServerConfig:
     local_only_epochs: int = 10
     weighting: Weighting = "examples"
     average_last: float = 0.25
+    average_when: AverageWhen = "flat"
     max_examples_factor: float = 10.0
     max_update_norm_ratio: float = 5.0
     max_update_norm: float = 0.0
@@ -859,7 +880,13 @@ DESCRIPTIONS: dict[str, str] = {
     "model.freeze-embeddings": "freeze the student's embeddings (not trained, not exchanged)",
     "model.freeze": "regular expression over student parameter names to freeze as well "
     "(empty: none)",
-    "teacher.epochs": "epochs of local teacher fine-tuning (once per client, then cached)",
+    "teacher.epochs": "most epochs of local teacher fine-tuning (once per client, then cached)",
+    "teacher.patience": "stop the teacher after this many epochs without a better holdout "
+    "accuracy, keeping the best epoch (0: train teacher.epochs on all rows)",
+    "teacher.holdout": "share of a client's training rows the teacher's early stopping is "
+    "judged on (not trained on)",
+    "teacher.max-minutes": "stop the teacher's fine-tuning after this many minutes (best epoch "
+    "so far kept)",
     "teacher.lr": "learning rate of teacher fine-tuning",
     "teacher.batch-size": "batch size of teacher fine-tuning",
     "distill.alpha": "weight of the label loss; 1 - alpha goes to the teacher's soft labels",
@@ -899,6 +926,8 @@ DESCRIPTIONS: dict[str, str] = {
     "clients), `on`, `off`",
     "server.local-only-epochs": "epochs of each local-only student",
     "server.weighting": "weigh replies by `examples` (FedAvg's rule) or `uniform`",
+    "server.average-when": "`flat`: average the last rounds only when the federated "
+    "validation accuracy no longer rises over them (else the last global); `always`",
     "server.average-last": "output = average of the last rounds' globals: fraction of "
     "`rounds`, a count, or 0 for the last global",
     "compression.uplink": "codec spec of client updates (docs/compression.md)",

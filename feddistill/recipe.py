@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from feddistill.config import Config
+from feddistill.distill.early_stop import MIN_HOLDOUT_ROWS, Plateau, holdout_split
 from feddistill.distill.terms import (
     Distillation,
     FixedTeacher,
@@ -41,6 +43,7 @@ from feddistill.distill.train import (
     fine_tune,
     pick_device,
     predict_logits,
+    subset,
 )
 from feddistill.models.build import Labels
 from feddistill.node_state import ClientState
@@ -70,13 +73,104 @@ def partition_node(cfg: Config, pid: int, cache_root: Path | None = None) -> Nod
     return NodeData(key, train, val, cache_root or Path(default_cache_dir(cfg)))
 
 
+@dataclass
+class TeacherFit:
+    """How a teacher's fine-tuning went: epochs run, the epoch kept, why it stopped, and the
+    holdout accuracy after each epoch (empty without a holdout)."""
+
+    epochs: int
+    best_epoch: int
+    stopped: str  # "plateau", "epochs", "time" or "no holdout"
+    holdout_rows: int
+    holdout_accuracy: list[float]
+
+
 def fit_teacher(
-    cfg: Config, teacher: torch.nn.Module, t_train: Tokenized, device: torch.device
-) -> None:
-    """The teacher recipe (``teacher.*``), seeded: every node and the centralized reference."""
+    cfg: Config,
+    teacher: torch.nn.Module,
+    t_train: Tokenized,
+    device: torch.device,
+    *,
+    holdout: Tokenized | None = None,
+    watch: Callable[[int], None] | None = None,
+    at_least: int = 0,
+) -> TeacherFit:
+    """The teacher recipe (``teacher.*``), seeded: every node and the centralized reference.
+
+    Early stopping on ``holdout`` (the node's validation split, when it has enough rows) or
+    else on a holdout carved from ``t_train`` (:class:`TeacherConfig`); the weights of the
+    best holdout epoch are put back at the end. ``watch(epoch)`` is called after every epoch
+    (the bench records a test curve with it) and ``at_least`` epochs run even past the stop,
+    for that curve only: the weights kept are still the best epoch's.
+    """
+    t = cfg.teacher
+    fit_on = t_train
+    if t.patience == 0:
+        holdout = None
+    elif holdout is None or len(holdout) < MIN_HOLDOUT_ROWS:
+        train_idx, hold_idx = holdout_split(len(t_train), t.holdout, cfg.seed)
+        holdout = subset(t_train, hold_idx) if len(hold_idx) else None
+        if holdout is not None:
+            fit_on = subset(t_train, train_idx)
+    plateau = Plateau(t.patience)
+    best: dict[str, torch.Tensor] | None = None
+    stopped = {"why": "epochs" if holdout is not None else "no holdout", "at": 0}
+    deadline = time.monotonic() + 60.0 * t.max_minutes
+
+    def after_epoch(epoch: int) -> bool:
+        nonlocal best
+        if watch is not None:
+            watch(epoch)
+        if stopped["at"]:  # the recipe has stopped; only the curve goes on
+            return epoch >= at_least
+        stop = False
+        if holdout is not None:
+            stats = evaluate(teacher, holdout, device=device, precision=cfg.train.precision)
+            better, stop = plateau.update(epoch, stats.accuracy, stats.loss)
+            if better:
+                best = _snapshot(teacher)
+            if stop:
+                stopped["why"] = "plateau"
+        if not stop and epoch >= t.epochs:
+            stop = True  # the cap; stopped["why"] says "epochs" or "no holdout" already
+        if not stop and time.monotonic() > deadline:
+            stop, stopped["why"] = True, "time"
+        if not stop:
+            return False
+        stopped["at"] = epoch
+        if holdout is None and epoch < at_least:
+            best = _snapshot(teacher)  # the recipe's weights, before the curve's extra epochs
+        return epoch >= at_least
+
     with torch_seeded(cfg.seed):
-        loop = Loop(cfg.teacher.epochs, cfg.teacher.lr, cfg.teacher.batch_size, cfg.seed)
-        fine_tune(teacher, t_train, loop, device=device, precision=cfg.train.precision)
+        loop = Loop(max(t.epochs, at_least), t.lr, t.batch_size, cfg.seed)
+        fine_tune(
+            teacher,
+            fit_on,
+            loop,
+            device=device,
+            precision=cfg.train.precision,
+            after_epoch=after_epoch,
+        )
+    epochs = stopped["at"]
+    if best is not None:
+        teacher.load_state_dict(best)
+    fit = TeacherFit(
+        epochs=epochs,
+        best_epoch=plateau.best_epoch if holdout is not None else epochs,
+        stopped=stopped["why"],
+        holdout_rows=0 if holdout is None else len(holdout),
+        holdout_accuracy=[a for a, _ in plateau.history],
+    )
+    log.info(
+        "teacher: %d epoch(s), kept epoch %d (%s; holdout of %d rows: %s)",
+        fit.epochs,
+        fit.best_epoch,
+        fit.stopped,
+        fit.holdout_rows,
+        " ".join(f"{a:.3f}" for a in fit.holdout_accuracy) or "-",
+    )
+    return fit
 
 
 def teacher_for_round(
@@ -103,10 +197,10 @@ def teacher_for_round(
         # alpha = 1 without mutual learning is plain FedAvg of the student: fine-tuning a
         # teacher and predicting its logits would be wasted work.
         return None, None, False
-    key = teacher_cache_key(cfg, labels, data.train)
+    key = teacher_cache_key(cfg, labels, data.train, val=data.val)
     if cfg.distill.mutual and mutual_run:
         co_trained = state.load_teacher(
-            teacher_cache_key(cfg, labels, data.train, mutual_run=mutual_run)
+            teacher_cache_key(cfg, labels, data.train, val=data.val, mutual_run=mutual_run)
         )
         if co_trained is not None:
             teacher = copy.deepcopy(models.teacher)
@@ -124,11 +218,24 @@ def teacher_for_round(
         if logits is None and not cfg.distill.mutual:
             logits = predict_logits(teacher, t_train, device=device)
         return teacher, logits, False
-    fit_teacher(cfg, teacher, t_train, device)
+    fit_teacher(cfg, teacher, t_train, device, holdout=teacher_holdout(cfg, models, data))
     logits = None if cfg.distill.mutual else predict_logits(teacher, t_train, device=device)
     state.save_teacher(key, {k: v.cpu() for k, v in teacher.state_dict().items()}, logits)
     state.enforce_teacher_budget(int(cfg.cache.max_mb * 2**20))
     return teacher, logits, True
+
+
+def teacher_holdout(cfg: Config, models: InitialModels, data: NodeData) -> Tokenized | None:
+    """The node's validation split for the teacher's early stopping, if it has enough rows
+    (else :func:`fit_teacher` carves a holdout from the training rows)."""
+    if cfg.teacher.patience == 0 or len(data.val) < MIN_HOLDOUT_ROWS:
+        return None
+    tok = models.teacher_tokenizer
+    return encode_texts(tok, data.val.texts, data.val.labels, cfg.data.max_length)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @contextlib.contextmanager

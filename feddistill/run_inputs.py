@@ -282,12 +282,18 @@ def initial_models(cfg: Config, labels: Labels) -> InitialModels:
 
 
 def teacher_cache_key(
-    cfg: Config, labels: Labels, train: TextSplit, *, mutual_run: str = ""
+    cfg: Config,
+    labels: Labels,
+    train: TextSplit,
+    *,
+    val: TextSplit | None = None,
+    mutual_run: str = "",
 ) -> str:
     """The key of a cached teacher: every setting that changes its weights is in it.
 
     Without ``mutual_run``: the fine-tuned teacher (teacher model and ``teacher.*``, seed, labels,
-    data, tokenization, ``train.precision`` of the fine-tuning, torch version). With it: that
+    data and the validation split its early stopping reads, tokenization, ``train.precision``
+    of the fine-tuning, torch version). With it: that
     teacher as run ``mutual_run``'s mutual distillation (``distill.mutual``) has trained it
     further, which depends on everything that run did, so it belongs to that run alone and is
     never stored under, or read as, the fine-tuned teacher's key.
@@ -298,6 +304,7 @@ def teacher_cache_key(
         "seed": cfg.seed,
         "labels": labels.names,
         "data": train.fingerprint(),
+        "val": None if val is None else val.fingerprint(),
         "max_length": cfg.data.max_length,
         "precision": cfg.train.precision,
         "torch": torch.__version__.split("+")[0],

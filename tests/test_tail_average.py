@@ -10,7 +10,12 @@ import pytest
 from feddistill.config import ConfigError, parse_config
 from feddistill.server.checkpoint import ServerState, load_state, save_state
 from feddistill.server.lifecycle import RoundCheckpoints
-from feddistill.server.output_model import TailAverage, window_size, window_start
+from feddistill.server.output_model import (
+    TailAverage,
+    still_improving,
+    window_size,
+    window_start,
+)
 
 
 def _globals(r: int) -> dict[str, np.ndarray]:
@@ -104,3 +109,45 @@ def test_resume_continues_or_resums_the_window_from_checkpoints(tmp_path: Path) 
     moved = _realigned(cfg.with_overrides({"rounds": 7}), 5, summed, ckpt)
     assert moved.rounds == (5, 5)
     np.testing.assert_array_equal(moved.mean(like=_globals(5))["w"], _globals(5)["w"])
+
+
+def test_a_rising_window_is_told_from_a_flat_noisy_one() -> None:
+    rng = np.random.default_rng(0)
+    rounds = list(range(23, 31))
+    rising = [(r, 0.30 + 0.01 * (r - 23) + rng.normal(0, 0.004)) for r in rounds]
+    assert still_improving(rising) is True  # ~1 point a round, as on the 150-class set
+    falling = [(r, 0.60 - 0.01 * (r - 23)) for r in rounds]
+    assert still_improving(falling) is False
+    # flat with noise of 4 points a round (5 clients' ~30-row splits): read as flat nearly
+    # always; two standard errors let about 1 in 40 through
+    flat_calls = [
+        still_improving([(r, 0.8 + rng.normal(0, 0.04)) for r in rounds]) for _ in range(400)
+    ]
+    assert sum(flat_calls) / 400 < 0.06
+    assert still_improving(rising[:3]) is None  # too few points to judge
+    assert still_improving([(5, 0.5)] * 4) is None  # all in one round: no trend
+
+
+def test_the_server_judges_the_trend_from_the_rounds_federated_evaluation(
+    tmp_path: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    from feddistill import keys
+    from feddistill.server.lifecycle import ServerRun
+    from feddistill.strategies.compressed import RoundTraffic
+
+    def traffic(accs: dict[int, float]) -> dict[int, RoundTraffic]:
+        return {r: RoundTraffic(eval_metrics={keys.EVAL_ACCURACY: a}) for r, a in accs.items()}
+
+    rising = traffic({r: 0.3 + 0.01 * r for r in range(1, 9)})
+    flat = traffic({r: 0.5 + (0.01 if r % 2 else -0.01) for r in range(1, 9)})
+    for when, accs, expected in (
+        ("flat", rising, True),
+        ("flat", flat, False),
+        ("flat", {}, None),  # no federated evaluation: nothing to judge, the window averages
+        ("always", rising, None),
+    ):
+        cfg = parse_config({"output-dir": str(tmp_path), "server.average-when": when})
+        run = SimpleNamespace(cfg=cfg, strategy=SimpleNamespace(traffic=accs))
+        assert ServerRun._still_improving(run, 1, 8) is expected  # type: ignore[arg-type]

@@ -88,7 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help=f"rounds of the other compressed scenarios (default {d['variant_rounds']})",
     )
-    p.add_argument("--teacher-epochs", type=int, help="teacher fine-tuning epochs (1)")
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        help="most teacher fine-tuning epochs (10; early stopping on a holdout decides)",
+    )
     p.add_argument("--teacher-lr", type=float, help="teacher fine-tuning lr (1e-4)")
     p.add_argument("--lr", dest="train_lr", type=float, help="student lr (3e-4)")
     p.add_argument("--local-epochs", type=int, help="student epochs per round (1)")

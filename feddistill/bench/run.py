@@ -39,6 +39,10 @@ from feddistill.run_inputs import TextSplit
 
 log = logging.getLogger("feddistill")
 
+# The centralized teacher's reference curve covers at least epochs 1 to 5 (issue: the recipe's
+# teacher must be within a point of the best of them, so the reference cannot get weaker).
+CURVE_EPOCHS = 5
+
 
 # ---------------------------------------------------------------------------------------------
 # Data: sample once, write CSVs every scenario reads
@@ -159,9 +163,10 @@ def base_config(setting: BenchSetting, data: dict[str, Any]) -> Config:
         "data.partitioning": s.partitioning,
         "data.alpha": s.alpha,
         "data.max-length": s.max_length,
-        # Clients train on all their rows, so the union of client data is the sampled subset
-        # the centralized scenarios train on.
-        "data.val-fraction": 0.0,
+        # Each client keeps the project's validation share of its rows: its teacher stops on
+        # it, and the federated evaluation on it decides the output model (server.average-when).
+        # The centralized scenarios train on the whole sampled subset, so the reference sees
+        # those rows too (a stronger reference, never a weaker one).
         "model.teacher": s.teacher,
         "model.student": "derived",
         "model.student-layers": s.student_layers,
@@ -173,7 +178,6 @@ def base_config(setting: BenchSetting, data: dict[str, Any]) -> Config:
         "train.batch-size": s.train_batch_size,
         "train.local-epochs": s.local_epochs,
         "server.clients-per-round": s.clients_per_round,
-        "server.evaluate-clients": 0,  # no client validation split (val-fraction 0)
         "server.local-only": "off",  # run once, as its own scenario
         "server.local-only-epochs": s.local_only_epochs,
         **s.extra,
@@ -236,13 +240,26 @@ class Runner:
                 self.models.teacher_tokenizer, test.texts, test.labels, maxlen
             )
         self.central_teacher: Any = None
+        self.teacher_fit: Any = None
+        self.teacher_curve: list[float] = []  # test accuracy after each epoch
 
     # -- centralized -------------------------------------------------------------------------
     def _fit_central_teacher(self) -> None:
+        from feddistill.distill.train import evaluate
         from feddistill.recipe import fit_teacher
 
         teacher = copy.deepcopy(self.models.teacher)
-        fit_teacher(self.cfg, teacher, self.t_train, self.device)  # the clients' recipe
+
+        def watch(epoch: int) -> None:  # the reference curve: test accuracy after each epoch
+            acc = evaluate(teacher, self.t_test, device=self.device).accuracy
+            self.teacher_curve.append(acc)
+            print(f"    centralized teacher: epoch {epoch}: test accuracy {acc:.4f}", flush=True)
+
+        # The clients' recipe (early stopping on its own holdout), run on to CURVE_EPOCHS
+        # epochs when it stops earlier, for the curve only: the weights kept are the recipe's.
+        self.teacher_fit = fit_teacher(
+            self.cfg, teacher, self.t_train, self.device, watch=watch, at_least=CURVE_EPOCHS
+        )
         self.central_teacher = teacher
 
     def centralized_teacher(self) -> dict[str, Any]:
@@ -251,12 +268,25 @@ class Runner:
         if self.central_teacher is None:
             self._fit_central_teacher()
         acc = evaluate(self.central_teacher, self.t_test, device=self.device).accuracy
-        t = self.cfg.teacher
+        t, fit = self.cfg.teacher, self.teacher_fit
+        assert fit is not None
+        best = max(self.teacher_curve[:CURVE_EPOCHS])
         return _entry(
             "centralized-teacher",
             accuracy=acc,
-            notes=f"teacher fine-tuned on the union of client data ({len(self.train)} rows), "
-            f"{t.epochs} epoch(s), lr {t.lr:g}, batch {t.batch_size}; no federation",
+            epochs=fit.epochs,
+            best_epoch=fit.best_epoch,
+            stopped=fit.stopped,
+            holdout_accuracy=fit.holdout_accuracy,
+            epoch_curve=self.teacher_curve,
+            best_of_curve=best,
+            notes=f"teacher fine-tuned on the union of client data ({len(self.train)} rows) by "
+            f"the clients' recipe: {fit.epochs} epoch(s) run, epoch {fit.best_epoch} kept "
+            f"({fit.stopped}; holdout of {fit.holdout_rows} rows, patience {t.patience}, at "
+            f"most {t.epochs}), lr {t.lr:g}, batch {t.batch_size}; test accuracy after epochs "
+            f"1-{len(self.teacher_curve)}: "
+            + " ".join(f"{a:.4f}" for a in self.teacher_curve)
+            + f" (best of 1-{CURVE_EPOCHS}: {best:.4f}); no federation",
         )
 
     def centralized_student(self) -> dict[str, Any]:

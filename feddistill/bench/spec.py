@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from feddistill.config import TeacherConfig
 from feddistill.models.build import OFFLINE_MINILM
 
 # Scenarios run in this order: the shared teacher cache is filled by the first KD scenario and
@@ -126,7 +127,7 @@ class BenchSetting:
     # 2 cores (at 30 it ran over: docs/benchmarks.md).
     variant_rounds: int = 20
     scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
-    teacher_epochs: int = 1
+    teacher_epochs: int = TeacherConfig().epochs  # the cap; early stopping decides
     teacher_lr: float = 1e-4
     teacher_batch_size: int = 16
     train_lr: float = 3e-4

@@ -229,8 +229,8 @@ def train_round(
     )
     if cfg.distill.mutual:  # the teacher learned too; it never leaves the node
         assert teacher is not None
-        key = teacher_cache_key(cfg, labels, data.train, mutual_run=inp.run_id)
-        fine_tuned = teacher_cache_key(cfg, labels, data.train)
+        key = teacher_cache_key(cfg, labels, data.train, val=data.val, mutual_run=inp.run_id)
+        fine_tuned = teacher_cache_key(cfg, labels, data.train, val=data.val)
         state.save_teacher(
             key, {k: v.cpu() for k, v in teacher.state_dict().items()}, None, keep=(fine_tuned,)
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,12 @@ class Tokenized:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+def subset(data: Tokenized, idx: Sequence[int] | torch.Tensor) -> Tokenized:
+    """The rows ``idx`` of ``data``."""
+    i = torch.as_tensor(idx, dtype=torch.long)
+    return Tokenized(data.input_ids[i], data.attention_mask[i], data.labels[i])
 
 
 def encode_texts(
@@ -145,10 +151,17 @@ def fine_tune(
     *,
     device: torch.device,
     precision: str = "fp32",
+    after_epoch: Callable[[int], bool] | None = None,
 ) -> Stats:
     """Plain supervised fine-tuning (the local teacher, or a CE-only baseline)."""
     return distill(
-        model, data, Objective([CrossEntropy()]), loop, device=device, precision=precision
+        model,
+        data,
+        Objective([CrossEntropy()]),
+        loop,
+        device=device,
+        precision=precision,
+        after_epoch=after_epoch,
     )
 
 
@@ -160,8 +173,13 @@ def distill(
     *,
     device: torch.device,
     precision: str = "fp32",
+    after_epoch: Callable[[int], bool] | None = None,
 ) -> Stats:
     """Train ``student`` on ``data`` to minimize ``objective`` (:mod:`feddistill.distill.terms`).
+
+    ``after_epoch(epochs done)`` is called after each epoch (it may evaluate the model) and
+    stops the training by returning True: early stopping keeps the optimizer's state, which
+    restarting ``distill`` for each epoch would lose.
 
     Every part of the objective is started once on the student as received, then each batch
     goes: student logits, teacher logits (a mutual teacher takes its own step here), the
@@ -182,7 +200,7 @@ def distill(
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for _ in range(loop.epochs):
+    for epoch in range(loop.epochs):
         for idx in _batches(len(data), loop.batch_size, gen):
             labels = data.labels[idx].to(device)
             with autocast(device, precision):
@@ -203,6 +221,10 @@ def distill(
             total_loss += loss.detach().double() * len(idx)
             correct += (s_logits.detach().argmax(-1) == labels).sum()
             seen += len(idx)
+        if after_epoch is not None:
+            if after_epoch(epoch + 1):
+                break
+            student.train()
     objective.teacher.finish()
     student.eval()
     return Stats(

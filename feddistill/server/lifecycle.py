@@ -18,6 +18,7 @@ from this round, not from the one before. :meth:`ServerRun.resume_or_start` load
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
+from feddistill import keys
 from feddistill.config import Config, ConfigError
 from feddistill.distill.train import Stats, Tokenized, evaluate, torch_threads
 from feddistill.models.build import set_arrays
@@ -43,7 +45,7 @@ from feddistill.server.checkpoint import (
     snapshot,
     state_path,
 )
-from feddistill.server.output_model import TailAverage, window_start
+from feddistill.server.output_model import TailAverage, still_improving, window_start
 from feddistill.server.progress import RoundWatch
 from feddistill.server.results import RunRecord, per_class_result
 from feddistill.server.tracking import Tracker
@@ -225,6 +227,19 @@ class ServerRun:
         return metrics
 
     # -- end ----------------------------------------------------------------------------------
+    def _still_improving(self, first: int, last_round: int) -> bool | None:
+        """The trend of the window's federated validation accuracy (``server.average-when``);
+        None when it is not judged (``always``, or too few evaluated rounds)."""
+        if self.cfg.server.average_when == "always":
+            return None
+        curve = []
+        for r in range(first, last_round + 1):
+            traffic = self.strategy.traffic.get(r)
+            value = None if traffic is None else traffic.eval_metrics.get(keys.EVAL_ACCURACY)
+            if value is not None and math.isfinite(value):
+                curve.append((r, value))
+        return still_improving(curve)
+
     def output_model(self, last: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Load the run's output model into the evaluator's model; its final-result fields.
 
@@ -239,8 +254,26 @@ class ServerRun:
             return per_class_result(correct, rows, labels)
         first, last_round = self.tail.rounds
         rounds = self.record.rounds
+        rising = self._still_improving(first, last_round)
+        if rising:
+            log.info(
+                "server.average-when = 'flat': the federated validation accuracy still rises "
+                "over rounds %d-%d, so the output model is the last global, not their average",
+                first,
+                last_round,
+            )
+            self.evaluator.load(last)
+            stats = self.evaluator.last
+            correct, rows = (stats.class_correct, stats.class_rows) if stats else ([], [])
+            return {
+                "output_rule": "last (still improving)",
+                **per_class_result(correct, rows, labels),
+            }
         out: dict[str, Any] = {
             "averaged_rounds": [first, last_round],
+            "output_rule": "average"
+            if rising is not None or self.cfg.server.average_when == "always"
+            else "average (no federated evaluation to judge the trend)",
             "last_round_accuracy": rounds[-1]["accuracy"] if rounds else None,
             "last_round_loss": rounds[-1]["loss"] if rounds else None,
         }

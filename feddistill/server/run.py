@@ -206,6 +206,12 @@ def _log_done(record: RunRecord) -> None:
             f" = average of the globals of rounds {first}-{last_round}; "
             f"round {last_round}'s global alone {_fmt(f['last_round_accuracy'])}"
         )
+    elif f.get("window_rounds"):
+        first, last_round = f["window_rounds"]
+        averaged = (
+            f" = round {last_round}'s global (federated validation accuracy still rising over "
+            f"rounds {first}-{last_round}, so not averaged)"
+        )
     log.info(
         "done: %d rounds, final accuracy %s%s (best single round %s, round %s), local-only %s; "
         "bytes up %s, down %s; %.0f s. Results in %s",
