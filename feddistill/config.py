@@ -159,17 +159,20 @@ class ModelConfig:
 class TeacherConfig:
     """Local fine-tuning of each client's teacher (done once per client, then cached).
 
-    Trained to a plateau (:mod:`feddistill.distill.early_stop`): ``holdout`` of the client's
-    training rows are held out, and training stops once their accuracy has not improved for
-    ``patience`` epochs, after ``epochs`` epochs at most, or after ``max_minutes``; the best
-    epoch's weights are kept. A client with fewer than 20 holdout rows trains ``epochs`` epochs
-    on all its rows. ``patience = 0`` turns early stopping off (``epochs`` epochs, all rows).
+    Trained to a plateau (:mod:`feddistill.distill.early_stop`) on the client's validation
+    split (or, when it has fewer than 20 rows, on ``holdout`` of its training rows, held out):
+    training stops once that accuracy has not improved for ``patience`` epochs (but not before
+    ``min_epochs``: a teacher trained from scratch can sit at the majority class for its first
+    epochs, which reads as a plateau), after ``epochs`` epochs at most, or after
+    ``max_minutes``; the best epoch's weights are kept. Without 20 holdout rows either, it
+    trains ``epochs`` epochs on all its rows; ``patience = 0`` does so always.
     """
 
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 8
     patience: int = 2
+    min_epochs: int = 5
     holdout: float = 0.1
     max_minutes: float = 30.0
 
@@ -178,6 +181,7 @@ class TeacherConfig:
         _check_range("teacher.lr", self.lr, lo=0, lo_open=True, hi=1.0)
         _check_range("teacher.batch-size", self.batch_size, lo=1)
         _check_range("teacher.patience", self.patience, lo=0, hi=1000)
+        _check_range("teacher.min-epochs", self.min_epochs, lo=0, hi=1000)
         _check_range("teacher.holdout", self.holdout, lo=0, hi=0.5)
         _check_range("teacher.max-minutes", self.max_minutes, lo=0, lo_open=True)
 
@@ -883,6 +887,7 @@ DESCRIPTIONS: dict[str, str] = {
     "teacher.epochs": "most epochs of local teacher fine-tuning (once per client, then cached)",
     "teacher.patience": "stop the teacher after this many epochs without a better holdout "
     "accuracy, keeping the best epoch (0: train teacher.epochs on all rows)",
+    "teacher.min-epochs": "the teacher's early stopping never stops before this many epochs",
     "teacher.holdout": "share of a client's training rows the teacher's early stopping is "
     "judged on (not trained on)",
     "teacher.max-minutes": "stop the teacher's fine-tuning after this many minutes (best epoch "

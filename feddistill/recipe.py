@@ -127,6 +127,7 @@ def fit_teacher(
         if holdout is not None:
             stats = evaluate(teacher, holdout, device=device, precision=cfg.train.precision)
             better, stop = plateau.update(epoch, stats.accuracy, stats.loss)
+            stop = stop and epoch >= t.min_epochs
             if better:
                 best = _snapshot(teacher)
             if stop:

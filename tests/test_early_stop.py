@@ -45,7 +45,13 @@ def test_fit_teacher_keeps_the_best_holdout_epoch_and_the_curve_does_not_change_
 ) -> None:
     cfg = tiny_config(
         tmp_path,
-        **{"teacher.epochs": 6, "teacher.patience": 2, "teacher.holdout": 0.2, "teacher.lr": 3e-3},
+        **{
+            "teacher.epochs": 6,
+            "teacher.patience": 2,
+            "teacher.min-epochs": 0,
+            "teacher.holdout": 0.2,
+            "teacher.lr": 3e-3,
+        },
     )
     train, _, labels = source_splits(cfg)
     models = initial_models(cfg, labels)
@@ -84,3 +90,23 @@ def test_patience_zero_trains_the_capped_epochs_on_every_row(tmp_path: Path) -> 
     fit = fit_teacher(cfg, copy.deepcopy(models.teacher), t_train, pick_device("cpu"),
                       watch=seen.append)  # fmt: skip
     assert (fit.epochs, fit.stopped, fit.holdout_rows, seen) == (2, "no holdout", 0, [1, 2])
+
+
+def test_the_plateau_never_stops_the_teacher_before_min_epochs(tmp_path: Path) -> None:
+    """A patience of 1 at a learning rate that cannot move the holdout accuracy would stop
+    after epoch 2; min-epochs keeps it training to 4."""
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "teacher.epochs": 8,
+            "teacher.patience": 1,
+            "teacher.min-epochs": 4,
+            "teacher.holdout": 0.2,
+            "teacher.lr": 1e-9,
+        },
+    )
+    train, _, labels = source_splits(cfg)
+    models = initial_models(cfg, labels)
+    _, t_train = encode_train(models, train, cfg.data.max_length)
+    fit = fit_teacher(cfg, copy.deepcopy(models.teacher), t_train, pick_device("cpu"))
+    assert (fit.epochs, fit.stopped) == (4, "plateau")

@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="most teacher fine-tuning epochs (10; early stopping on a holdout decides)",
     )
     p.add_argument("--teacher-lr", type=float, help="teacher fine-tuning lr (1e-4)")
-    p.add_argument("--lr", dest="train_lr", type=float, help="student lr (3e-4)")
+    p.add_argument("--lr", dest="train_lr", type=float, help="student lr (1e-3, train.lr)")
     p.add_argument("--local-epochs", type=int, help="student epochs per round (1)")
     p.add_argument("--central-epochs", type=int, help="centralized student epochs (3)")
     p.add_argument("--local-only-epochs", type=int, help="local-only student epochs (3)")
