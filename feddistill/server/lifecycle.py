@@ -267,13 +267,17 @@ class ServerRun:
             correct, rows = (stats.class_correct, stats.class_rows) if stats else ([], [])
             return {
                 "output_rule": "last (still improving)",
+                "window_rounds": [first, last_round],
+                "last_round_accuracy": rounds[-1]["accuracy"] if rounds else None,
                 **per_class_result(correct, rows, labels),
             }
         out: dict[str, Any] = {
             "averaged_rounds": [first, last_round],
-            "output_rule": "average"
-            if rising is not None or self.cfg.server.average_when == "always"
-            else "average (no federated evaluation to judge the trend)",
+            "output_rule": (
+                "average (no federated evaluation to judge the trend)"
+                if rising is None and self.cfg.server.average_when == "flat"
+                else "average"
+            ),
             "last_round_accuracy": rounds[-1]["accuracy"] if rounds else None,
             "last_round_loss": rounds[-1]["loss"] if rounds else None,
         }
