@@ -174,7 +174,7 @@ class TeacherConfig:
     patience: int = 2
     min_epochs: int = 5
     holdout: float = 0.1
-    max_minutes: float = 30.0
+    max_minutes: float = 5.0
 
     def __post_init__(self) -> None:
         _check_range("teacher.epochs", self.epochs, lo=0, hi=1000)
@@ -654,6 +654,13 @@ class Config:
                 "poisoned updates); expected attack.kind = 'none' or mode = 'simulation'"
             )
         self._check_robust_rule()
+        if 60.0 * self.teacher.max_minutes > self.server.round_timeout:
+            raise ConfigError(
+                f"invalid config teacher.max-minutes = {self.teacher.max_minutes:g}: a client "
+                "fine-tunes its teacher inside its first round, which server.round-timeout = "
+                f"{self.server.round_timeout:g} s ends; expected teacher.max-minutes at most "
+                f"{self.server.round_timeout / 60:g}, or a larger server.round-timeout"
+            )
         self._check_privacy()
         self._check_secure()
 
@@ -890,8 +897,8 @@ DESCRIPTIONS: dict[str, str] = {
     "teacher.min-epochs": "the teacher's early stopping never stops before this many epochs",
     "teacher.holdout": "share of a client's training rows the teacher's early stopping is "
     "judged on (not trained on)",
-    "teacher.max-minutes": "stop the teacher's fine-tuning after this many minutes (best epoch "
-    "so far kept)",
+    "teacher.max-minutes": "stop the teacher's fine-tuning after the first epoch that ends past "
+    "this many minutes (best epoch so far kept); below server.round-timeout",
     "teacher.lr": "learning rate of teacher fine-tuning",
     "teacher.batch-size": "batch size of teacher fine-tuning",
     "distill.alpha": "weight of the label loss; 1 - alpha goes to the teacher's soft labels",

@@ -110,3 +110,10 @@ def test_the_plateau_never_stops_the_teacher_before_min_epochs(tmp_path: Path) -
     _, t_train = encode_train(models, train, cfg.data.max_length)
     fit = fit_teacher(cfg, copy.deepcopy(models.teacher), t_train, pick_device("cpu"))
     assert (fit.epochs, fit.stopped) == (4, "plateau")
+
+
+def test_a_teacher_time_cap_longer_than_the_round_is_refused(tmp_path: Path) -> None:
+    from feddistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"teacher\.max-minutes = 11.*server\.round-timeout"):
+        tiny_config(tmp_path, **{"teacher.max-minutes": 11.0, "server.round-timeout": 600.0})

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.deploy
 
 SECURE = (
     ' secure.aggregation=true server.weighting="uniform" secure.dropout=0.34'
-    " server.round-timeout=120"
+    " server.round-timeout=120 teacher.max-minutes=1"
 )
 
 
