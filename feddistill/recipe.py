@@ -94,6 +94,7 @@ def fit_teacher(
     holdout: Tokenized | None = None,
     watch: Callable[[int], None] | None = None,
     at_least: int = 0,
+    timed: bool = True,
 ) -> TeacherFit:
     """The teacher recipe (``teacher.*``), seeded: every node and the centralized reference.
 
@@ -101,7 +102,10 @@ def fit_teacher(
     else on a holdout carved from ``t_train`` (:class:`TeacherConfig`); the weights of the
     best holdout epoch are put back at the end. ``watch(epoch)`` is called after every epoch
     (the bench records a test curve with it) and ``at_least`` epochs run even past the stop,
-    for that curve only: the weights kept are still the best epoch's.
+    for that curve only: the weights kept are still the best epoch's. ``timed=False`` drops
+    ``teacher.max-minutes`` (the bench's centralized reference: the cap bounds a client's first
+    round, and on the union of ten clients' rows it would stop the reference early and make
+    it weaker, which the gap to it must not gain from).
     """
     t = cfg.teacher
     fit_on = t_train
@@ -115,7 +119,7 @@ def fit_teacher(
     plateau = Plateau(t.patience)
     best: dict[str, torch.Tensor] | None = None
     stopped = {"why": "epochs" if holdout is not None else "no holdout", "at": 0}
-    deadline = time.monotonic() + 60.0 * t.max_minutes
+    deadline = time.monotonic() + 60.0 * t.max_minutes if timed else float("inf")
 
     def after_epoch(epoch: int) -> bool:
         nonlocal best

@@ -117,3 +117,28 @@ def test_a_teacher_time_cap_longer_than_the_round_is_refused(tmp_path: Path) -> 
 
     with pytest.raises(ConfigError, match=r"teacher\.max-minutes = 11.*server\.round-timeout"):
         tiny_config(tmp_path, **{"teacher.max-minutes": 11.0, "server.round-timeout": 600.0})
+
+
+def test_the_time_cap_stops_after_the_epoch_that_ends_past_it_unless_untimed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clock that jumps an hour per reading: every epoch ends past a 1-minute cap, so the
+    timed recipe stops after epoch 1; the bench's untimed centralized reference runs the cap."""
+    import itertools
+
+    import feddistill.recipe as recipe
+
+    clock = itertools.count(0, 3600)
+    monkeypatch.setattr(recipe.time, "monotonic", lambda: float(next(clock)))
+    cfg = tiny_config(
+        tmp_path, **{"teacher.epochs": 3, "teacher.patience": 0, "teacher.max-minutes": 1.0}
+    )
+    train, _, labels = source_splits(cfg)
+    models = initial_models(cfg, labels)
+    _, t_train = encode_train(models, train, cfg.data.max_length)
+    timed = fit_teacher(cfg, copy.deepcopy(models.teacher), t_train, pick_device("cpu"))
+    untimed = fit_teacher(
+        cfg, copy.deepcopy(models.teacher), t_train, pick_device("cpu"), timed=False
+    )
+    assert (timed.epochs, timed.stopped) == (1, "time")
+    assert (untimed.epochs, untimed.stopped) == (3, "no holdout")

@@ -257,8 +257,15 @@ class Runner:
 
         # The clients' recipe (early stopping on its own holdout), run on to CURVE_EPOCHS
         # epochs when it stops earlier, for the curve only: the weights kept are the recipe's.
+        # Not time-capped: teacher.max-minutes bounds a client's first round, not the union.
         self.teacher_fit = fit_teacher(
-            self.cfg, teacher, self.t_train, self.device, watch=watch, at_least=CURVE_EPOCHS
+            self.cfg,
+            teacher,
+            self.t_train,
+            self.device,
+            watch=watch,
+            at_least=CURVE_EPOCHS,
+            timed=False,
         )
         self.central_teacher = teacher
 
