@@ -96,7 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-lr", type=float, help="teacher fine-tuning lr (1e-4)")
     p.add_argument("--lr", dest="train_lr", type=float, help="student lr (1e-3, train.lr)")
     p.add_argument(
-        "--local-epochs", type=int, help="student epochs per round (train.local-epochs, 2)"
+        "--local-epochs",
+        type=int,
+        help=f"student epochs per round (train.local-epochs, {DEFAULTS['local_epochs']})",
     )
     p.add_argument("--central-epochs", type=int, help="centralized student epochs (3)")
     p.add_argument("--local-only-epochs", type=int, help="local-only student epochs (3)")

@@ -130,12 +130,10 @@ class BenchSetting:
     teacher_epochs: int = TeacherConfig().epochs  # the cap; early stopping decides
     teacher_lr: float = 1e-4
     teacher_batch_size: int = 16
-    # The project's student lr (train.lr): at 3e-4, CLINC150's round-30 global was half as good
-    # (29.5% against 57.8%, 2026-12-03, docs/benchmarks.md).
+    # The project's student recipe (train.lr, train.batch-size, train.local-epochs), not
+    # bench-only values: the bench's former lr 3e-4, batch 32 and 1 local epoch (10 steps a
+    # round on a 300-row client) left CLINC150 far lower (docs/benchmarks.md, issue 20).
     train_lr: float = TrainConfig().lr
-    # The project's local training (train.batch-size, train.local-epochs): with the bench's
-    # former 32 and 1 (10 steps a round on 300 rows), CLINC150 ended at 57.8%; with these,
-    # 75.3% (2026-12-03, docs/benchmarks.md).
     train_batch_size: int = TrainConfig().batch_size
     local_epochs: int = TrainConfig().local_epochs
     central_epochs: int = 3
