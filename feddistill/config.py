@@ -261,7 +261,9 @@ class ServerConfig:
     ``num-examples`` at that multiple of the round's median claim where the server does not
     know the node's data (deployment; 0 = off); updates whose L2 norm exceeds
     ``max_update_norm_ratio`` times the round's median norm, or ``max_update_norm``, are
-    rejected or clipped (``update_norm_action``; 0 = that bound off).
+    rejected or clipped (``update_norm_action``; 0 = that bound off); an update whose cosine
+    with the sum of the round's other updates' directions is below ``min_update_cosine`` is
+    rejected (-1 = off): a sign-flipped update has an honest norm.
     """
 
     strategy: str = "fedavgm"
@@ -286,6 +288,7 @@ class ServerConfig:
     max_update_norm_ratio: float = 5.0
     max_update_norm: float = 0.0
     update_norm_action: NormAction = "reject"
+    min_update_cosine: float = -1.0
 
     def __post_init__(self) -> None:
         _check_literals(self, "server")
@@ -325,6 +328,7 @@ class ServerConfig:
             if 0 < value < 1:
                 _fail(key, value, "0 (off) or a factor >= 1 (below 1 refuses typical replies)")
         _check_range("server.max-update-norm", self.max_update_norm, lo=0)
+        _check_range("server.min-update-cosine", self.min_update_cosine, lo=-1, hi=1)
         if self.average_last >= 1 and self.average_last != int(self.average_last):
             _fail(
                 "server.average-last",
@@ -934,6 +938,8 @@ DESCRIPTIONS: dict[str, str] = {
     "round's median norm (0 = off)",
     "server.max-update-norm": "absolute bound on an update's L2 norm (0 = off)",
     "server.update-norm-action": "what happens to an update over a norm bound: `reject` or `clip`",
+    "server.min-update-cosine": "an update whose cosine with the sum of the round's other "
+    "updates' directions is below this is rejected (3 or more updates; -1 = off)",
     "server.local-only": "local-only baseline at the end: `auto` (simulations of <= 20 "
     "clients), `on`, `off`",
     "server.local-only-epochs": "epochs of each local-only student",

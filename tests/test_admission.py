@@ -35,6 +35,7 @@ from feddistill.strategies.admission import (
     AdmissionPolicy,
     check_metrics,
     check_num_examples,
+    direction_cosines,
     examples_cap,
     norm_bound,
     update_norm,
@@ -110,8 +111,14 @@ def _wrapper(inner: Strategy | None = None, **kwargs: object) -> CompressedStrat
 
 
 def _honest(seed: int = 1) -> tuple[list[Message], list[dict[str, np.ndarray]]]:
+    """Honest deltas: one shared direction plus each client's own noise (as clients learning
+    the same task send; independent random deltas would point every which way)."""
     rng = np.random.default_rng(seed)
-    deltas = [_arrays(rng, 0.1) for _ in HONEST]
+    shared = _arrays(np.random.default_rng(1234), 0.1)
+    deltas = []
+    for _ in HONEST:
+        own = _arrays(rng, 0.05)
+        deltas.append({n: shared[n] + own[n] for n in shared})
     replies = [
         _reply(i, encode(d, NONE).payload, _metrics()) for i, d in zip(HONEST, deltas, strict=True)
     ]
@@ -367,6 +374,39 @@ def test_update_that_overflows_the_global_is_rejected() -> None:
     assert all(np.isfinite(got[n].numpy()).all() for n, _ in SCHEMA)
 
 
+# -- rule: update direction ------------------------------------------------------------------------
+def test_sign_flipped_update_is_rejected_for_its_direction() -> None:
+    # Prepare: four honest replies and the negation of a fifth honest update (an honest norm,
+    # so the norm bound lets it through)
+    replies, deltas = _honest()
+    flipped = {n: -d for n, d in _honest(8)[1][0].items()}
+    wrapper = _wrapper(admission=AdmissionPolicy(min_update_cosine=0.0))
+    # Execute
+    got, _ = wrapper.aggregate_train(
+        1, [*replies, _reply(9, encode(flipped, NONE).payload, _metrics())]
+    )
+    # Assert: refused and named; the honest ones aggregate alone; every cosine recorded
+    reason = _failure(wrapper)
+    assert reason.startswith("rejected (update-direction)") and "server.min-update-cosine" in reason
+    cosines = wrapper.traffic[1].update_cosines
+    assert set(cosines) == {*HONEST, 9} and cosines[9] < 0 < min(cosines[n] for n in HONEST)
+    _assert_mean_of(wrapper, got, deltas)
+
+
+def test_direction_rule_off_at_minus_one_and_below_three_updates() -> None:
+    replies, _ = _honest()
+    flipped = {n: -d for n, d in _honest(8)[1][0].items()}
+    bad = _reply(9, encode(flipped, NONE).payload, _metrics())
+    off = _wrapper()  # the default: off
+    off.aggregate_train(1, [*replies, bad])
+    assert not off.traffic[1].failures and not off.traffic[1].update_cosines
+    replies, _ = _honest()  # fresh messages: aggregating rebuilds the replies it was given
+    bad = _reply(9, encode(flipped, NONE).payload, _metrics())
+    two = _wrapper(admission=AdmissionPolicy(min_update_cosine=0.0))
+    two.aggregate_train(1, [replies[0], bad])  # one against one: no majority to judge by
+    assert not two.traffic[1].failures
+
+
 # -- rule: the inner strategy raising --------------------------------------------------------------
 class _Raising(FedAvg):
     def aggregate_train(self, server_round, replies):
@@ -494,6 +534,21 @@ def test_pure_rules() -> None:
     assert norm_bound([1.0, 1e9], policy) == 4.0
     assert norm_bound([0.0, 0.0, 5.0], policy) is None  # a median of 0 bounds nothing
     assert update_norm({"a": np.full(4, 3e38, np.float32)}) == pytest.approx(6e38)
+    u, v = np.array([1.0, 0.0, 0.0], np.float32), np.array([0.0, 1.0, 0.0], np.float32)
+    # against the sum of the others' unit directions, on the coordinates shared with them: v
+    # for u (and 2u), 0 on u's coordinate; 2u + v for -u, whose shared coordinate is u's
+    assert direction_cosines([u, u]) is None  # fewer than 3: no rule
+    got = direction_cosines([u, 2 * u, -u, v])
+    assert got is not None
+    assert got == pytest.approx([0.0, 0.0, -1.0, 0.0])
+    got = direction_cosines([u, u, -5 * u, np.zeros(3, np.float32)])  # norms do not vote
+    assert got == pytest.approx([0.0, 0.0, -1.0, 0.0])
+    # sparse updates that share one coordinate of many: the cosine is the shared part's
+    a, b, c = (np.zeros(100, np.float32) for _ in range(3))
+    a[[0, 1, 2]], b[[0, 50, 51]], c[[0, 80, 81]] = [1, 5, 5], [1, 5, 5], [-1, 5, 5]
+    assert direction_cosines([a, b, c]) == pytest.approx([0.0, 0.0, -1.0])
+    with pytest.raises(ValueError, match="min_update_cosine"):
+        AdmissionPolicy(min_update_cosine=1.5)
 
 
 def test_client_reply_metrics_follow_the_schema() -> None:

@@ -105,6 +105,7 @@ class RunRecord:
             "eval_failures": len(traffic.eval_failures),
             "eval_failure_reasons": [f"node {n}: {r}" for n, r in traffic.eval_failures],
             "update_norms": {str(k): v for k, v in traffic.update_norms.items()},
+            "update_cosines": {str(k): v for k, v in traffic.update_cosines.items()},
             "clipped": [
                 {"node": n, "norm": norm, "bound": bound} for n, norm, bound in traffic.clipped
             ],

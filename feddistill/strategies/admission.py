@@ -18,7 +18,10 @@ The rules (docs/robustness.md, "Admission control"), in the order they run:
 5. update norm (`update_norm`, `norm_bound`): the L2 norm of each decoded update against
    ``server.max-update-norm`` and ``server.max-update-norm-ratio`` times the round's median norm;
    rejected or clipped per ``server.update-norm-action``.
-6. finite after apply (`all_finite`): ``global + delta`` must stay finite.
+6. direction (`direction_cosines`): each update's cosine with the sum of the other updates'
+   directions; below ``server.min-update-cosine`` it is rejected (a sign-flipped update has an
+   honest norm, so the norm bound lets it through).
+7. finite after apply (`all_finite`): ``global + delta`` must stay finite.
 
 Everything here is pure (numbers, arrays and Flower records in, verdicts out): the strategy
 wrapper (:mod:`feddistill.strategies.compressed`) decides what to log and count.
@@ -58,16 +61,21 @@ class AdmissionPolicy:
             update norm are rejected or clipped; 0 = off.
         max_update_norm: the same against an absolute L2 norm; 0 = off.
         norm_action: ``reject`` (drop the reply) or ``clip`` (scale it down to the bound).
+        min_update_cosine: updates whose cosine with the sum of the round's other updates'
+            directions is below this are rejected (from 3 updates on); -1 = off (default).
     """
 
     max_examples_factor: float = 10.0
     max_update_norm_ratio: float = 5.0
     max_update_norm: float = 0.0
     norm_action: str = "reject"
+    min_update_cosine: float = -1.0
 
     def __post_init__(self) -> None:
         if self.norm_action not in NORM_ACTIONS:
             raise ValueError(f"norm_action={self.norm_action!r}: expected one of {NORM_ACTIONS}")
+        if not -1.0 <= self.min_update_cosine <= 1.0:
+            raise ValueError(f"min_update_cosine={self.min_update_cosine!r}: expected [-1, 1]")
         for name in ("max_examples_factor", "max_update_norm_ratio", "max_update_norm"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -180,6 +188,49 @@ def norm_bound(norms: Sequence[float], policy: AdmissionPolicy) -> float | None:
         if median > 0:
             bounds.append(policy.max_update_norm_ratio * median)
     return min(bounds) if bounds else None
+
+
+MIN_DIRECTION_UPDATES = 3  # with two, each is judged by the other alone: no majority to follow
+
+
+def direction_cosines(deltas: Sequence[np.ndarray]) -> list[float] | None:
+    """Each flat update's cosine with the sum of the *other* updates' unit directions, both
+    restricted to the coordinates the update shares with another; None with fewer than
+    :data:`MIN_DIRECTION_UPDATES`.
+
+    Unit directions, so that the consensus is one vote per client: an update the norm bound let
+    through at five times the median would otherwise outweigh four honest ones. On the others'
+    coordinates only, because top-k updates of different clients share few coordinates: over
+    the whole vector every cosine of a 1%-sparse round sits within a few hundredths of 0 (the
+    coordinates the others left at 0 add to the update's norm and nothing to the dot product),
+    honest and flipped alike; for dense updates it is the plain cosine. An update of norm 0 (or
+    not finite: the finite check refuses it) scores 0, and so does one whose others are 0 where
+    it is not. Sums in float64.
+    """
+    if len(deltas) < MIN_DIRECTION_UPDATES:
+        return None
+    norms = [math.sqrt(float(np.dot(d, d.astype(np.float64)))) for d in deltas]
+    usable = [0 < n < math.inf for n in norms]
+    total = np.zeros(deltas[0].shape, dtype=np.float64)
+    touched = np.zeros(deltas[0].shape, dtype=np.int32)  # how many usable updates touch each
+    for d, n, ok in zip(deltas, norms, usable, strict=True):
+        if ok:
+            total += d.astype(np.float64) / n  # n may be past float32's range
+            touched += d != 0
+    cosines = []
+    for d, n, ok in zip(deltas, norms, usable, strict=True):
+        if not ok:
+            cosines.append(0.0)
+            continue
+        unit = d.astype(np.float64) / n
+        mine = d != 0
+        others = total - unit
+        shared = mine & (touched - mine > 0)  # coordinates of d that another update touches
+        own = math.sqrt(float(np.dot(unit[shared], unit[shared])))
+        size = math.sqrt(float(np.dot(others[shared], others[shared])))
+        dot = float(np.dot(unit[shared], others[shared]))
+        cosines.append(dot / (own * size) if own > 0 and size > 0 else 0.0)
+    return cosines
 
 
 def all_finite(arrays: Mapping[str, np.ndarray]) -> bool:

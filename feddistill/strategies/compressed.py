@@ -69,6 +69,7 @@ from feddistill.strategies.admission import (
     check_metrics,
     check_num_examples,
     check_records,
+    direction_cosines,
     examples_cap,
     norm_bound,
     update_norm,
@@ -115,6 +116,7 @@ class RoundTraffic:
     replies: int = 0
     round_failure: str = ""  # why aggregation left the global unchanged, if it did
     update_norms: dict[int, float] = field(default_factory=dict)  # L2 norm of each decoded update
+    update_cosines: dict[int, float] = field(default_factory=dict)  # with the others' (rule 6)
     clipped: list[tuple[int, float, float]] = field(default_factory=list)  # node, norm, bound
     capped_examples: list[tuple[int, int, int]] = field(default_factory=list)  # node, claim, cap
     eval_capped_examples: list[tuple[int, int, int]] = field(default_factory=list)
@@ -430,7 +432,7 @@ class CompressedStrategy(Strategy):
         bound = norm_bound([c.norm for c in candidates], self.admission)
         shared = self._shared_metrics(candidates)
         assert self._global_flat is not None, "configure_train runs before aggregate_train"
-        out = []
+        kept: list[tuple[_Candidate, np.ndarray]] = []
         for c in candidates:
             delta = self._flatten(c.delta)
             if bound is not None and c.norm > bound:
@@ -451,6 +453,11 @@ class CompressedStrategy(Strategy):
                     c.norm,
                     bound,
                 )
+            kept.append((c, delta))
+        kept = self._aligned(server_round, kept, stats)
+        out = []
+        while kept:  # popped, so that each flat update is freed once its model is built
+            c, delta = kept.pop(0)
             with np.errstate(over="ignore"):  # an overflow to Inf is refused just below
                 dense = self._global_flat + delta
             if not all_finite({FLAT: dense}):
@@ -458,6 +465,29 @@ class CompressedStrategy(Strategy):
                 self._refuse(stats.failures, server_round, c.node, err)
                 continue
             out.append(self._rebuilt(c, shared, self._flat_record(dense)))
+        return out
+
+    def _aligned(
+        self, server_round: int, kept: list[tuple[_Candidate, np.ndarray]], stats: RoundTraffic
+    ) -> list[tuple[_Candidate, np.ndarray]]:
+        """The direction rule: updates pointing away from the round's other updates (a cosine
+        with the sum of their directions below ``server.min-update-cosine``) are refused."""
+        floor = self.admission.min_update_cosine
+        cosines = direction_cosines([d for _, d in kept]) if floor > -1.0 else None
+        if cosines is None:
+            return kept
+        out = []
+        for (c, delta), cos in zip(kept, cosines, strict=True):
+            stats.update_cosines[c.node] = cos
+            if cos < floor:
+                err = AdmissionError(
+                    "update-direction",
+                    f"update's cosine {cos:.3f} with the round's other updates < "
+                    f"server.min-update-cosine = {floor:g}",
+                )
+                self._refuse(stats.failures, server_round, c.node, err)
+                continue
+            out.append((c, delta))
         return out
 
     def _secure_mean(

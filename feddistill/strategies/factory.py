@@ -80,11 +80,13 @@ def build_strategy(
         admission=AdmissionPolicy(
             max_examples_factor=s.max_examples_factor,
             # With privacy on, the server clips every update to privacy.clip instead: a bound
-            # taken from the round's median norm would let one client's data decide whether
-            # another's update counts, which breaks the sensitivity the accountant assumes.
+            # taken from the round's median norm, or a direction judged against the round's
+            # other updates, would let one client's data decide whether another's update
+            # counts, which breaks the sensitivity the accountant assumes.
             max_update_norm_ratio=0.0 if cfg.privacy.central else s.max_update_norm_ratio,
             max_update_norm=s.max_update_norm,
             norm_action=s.update_norm_action,
+            min_update_cosine=-1.0 if cfg.privacy.central else s.min_update_cosine,
         ),
         known_examples=known_examples,
         privacy=CentralPrivacy.from_config(cfg, num_nodes),
