@@ -166,10 +166,16 @@ class TeacherConfig:
     epochs, which reads as a plateau), after ``epochs`` epochs at most, or after
     ``max_minutes``; the best epoch's weights are kept. Without 20 holdout rows either, it
     trains ``epochs`` epochs on all its rows; ``patience = 0`` does so always.
+
+    The classification head starts from random weights on top of a pretrained backbone, so it
+    can learn at its own ``head_lr`` (0, the default: at ``lr``): at a pretrained backbone's
+    1e-4 a 150-class head hardly moved in ten epochs (docs/benchmarks.md, "Default flags on
+    any dataset"; not a default until measured on the students of all three sets).
     """
 
     epochs: int = 10
     lr: float = 1e-3
+    head_lr: float = 0.0
     batch_size: int = 8
     patience: int = 2
     min_epochs: int = 5
@@ -179,6 +185,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         _check_range("teacher.epochs", self.epochs, lo=0, hi=1000)
         _check_range("teacher.lr", self.lr, lo=0, lo_open=True, hi=1.0)
+        _check_range("teacher.head-lr", self.head_lr, lo=0, hi=1.0)
         _check_range("teacher.batch-size", self.batch_size, lo=1)
         _check_range("teacher.patience", self.patience, lo=0, hi=1000)
         _check_range("teacher.min-epochs", self.min_epochs, lo=0, hi=1000)
@@ -904,6 +911,8 @@ DESCRIPTIONS: dict[str, str] = {
     "teacher.max-minutes": "stop the teacher's fine-tuning after the first epoch that ends past "
     "this many minutes (best epoch so far kept); below server.round-timeout",
     "teacher.lr": "learning rate of teacher fine-tuning",
+    "teacher.head-lr": "learning rate of the teacher's classification head, the layer no "
+    "checkpoint holds (0 = teacher.lr)",
     "teacher.batch-size": "batch size of teacher fine-tuning",
     "distill.alpha": "weight of the label loss; 1 - alpha goes to the teacher's soft labels",
     "distill.temperature": "softmax temperature T of distillation (KL scaled by T^2)",

@@ -148,7 +148,7 @@ def fit_teacher(
         return epoch >= at_least
 
     with torch_seeded(cfg.seed):
-        loop = Loop(max(t.epochs, at_least), t.lr, t.batch_size, cfg.seed)
+        loop = Loop(max(t.epochs, at_least), t.lr, t.batch_size, cfg.seed, head_lr=t.head_lr)
         fine_tune(
             teacher,
             fit_on,

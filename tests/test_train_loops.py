@@ -19,6 +19,7 @@ from feddistill.distill.train import (
     Tokenized,
     distill,
     encode_texts,
+    param_groups,
     predict_logits,
     torch_threads,
 )
@@ -104,3 +105,21 @@ def test_not_true_weight_keeps_the_received_view_of_the_other_classes() -> None:
         return float(not_true_kd(after[0], before[0], data.labels, 2.0))
 
     assert drift(10.0) < 0.5 * drift(0.0)
+
+
+def test_head_learns_at_its_own_rate_and_the_backbone_at_the_loop_rate() -> None:
+    # Prepare: a teacher whose head (the classifier outside model.base_model) is what no
+    # checkpoint holds
+    tok = builtin_tokenizer(24)
+    model = build_teacher("builtin:tiny", Labels(("a", "b", "c")), tok, seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Execute
+    same = param_groups(model, params, Loop(1, 1e-4, 8, 0))
+    split = param_groups(model, params, Loop(1, 1e-4, 8, 0, head_lr=3e-3))
+    # Assert: one group at the loop's lr unless a head lr is given; then the classifier alone
+    assert len(same) == 1 and "lr" not in same[0]
+    body, head = split
+    head_ids = {id(p) for p in model.classifier.parameters()}
+    assert {id(p) for p in head["params"]} == head_ids and head["lr"] == 3e-3
+    assert not head_ids & {id(p) for p in body["params"]} and "lr" not in body
+    assert len(body["params"]) + len(head["params"]) == len(params)

@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,24 @@ class Loop:
     batch_size: int
     seed: int
     weight_decay: float = 0.0
+    head_lr: float = 0.0  # the head's lr; 0: the lr
+
+
+def param_groups(
+    model: PreTrainedModel, params: list[torch.nn.Parameter], loop: Loop
+) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: the head (every parameter outside the model's backbone,
+    ``model.base_model``: the classifier a checkpoint does not hold) at ``loop.head_lr``, the
+    rest at ``loop.lr``; one group when no head lr is set."""
+    if loop.head_lr <= 0 or loop.head_lr == loop.lr:
+        return [{"params": params}]
+    backbone = {id(p) for p in model.base_model.parameters()}
+    body = [p for p in params if id(p) in backbone]
+    head = [p for p in params if id(p) not in backbone]
+    groups: list[dict[str, Any]] = [{"params": body}] if body else []
+    if head:
+        groups.append({"params": head, "lr": loop.head_lr})
+    return groups
 
 
 def fine_tune(
@@ -194,7 +213,9 @@ def distill(
     for part in objective.parts():
         part.start(ctx)  # before train(): a part may look at the received model in eval mode
     student.to(device).train()
-    opt = torch.optim.AdamW(params, lr=loop.lr, weight_decay=loop.weight_decay)
+    opt = torch.optim.AdamW(
+        param_groups(student, params, loop), lr=loop.lr, weight_decay=loop.weight_decay
+    )
     scaler = grad_scaler(device, precision)
     gen = torch.Generator().manual_seed(loop.seed)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
