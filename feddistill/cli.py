@@ -170,6 +170,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not results.get("final") or not results.get("rounds"):
         log.error("the run did not complete; see %s", cfg.output_dir)
         return 1
+    if results["final"].get("stopped"):
+        log.error("the run stopped early: %s", results["final"]["stopped"]["reason"])
+        return 1
     log.info("wall time %.0f s", time.time() - started)
     return 0
 

@@ -271,6 +271,11 @@ class ServerConfig:
     rejected or clipped (``update_norm_action``; 0 = that bound off); an update whose cosine
     with the sum of the round's other updates' directions is below ``min_update_cosine`` is
     rejected (-1 = off): a sign-flipped update has an honest norm.
+
+    ``max_failed_rounds``: after that many rounds in a row left the global unchanged (no valid
+    reply, or aggregation failed) the run stops early, keeps the last global as its output and
+    says why in ``results.json`` (``final.stopped``): when every client refuses the run config
+    or every payload is rejected, more rounds only repeat the failure (0 = never stop).
     """
 
     strategy: str = "fedavgm"
@@ -296,6 +301,7 @@ class ServerConfig:
     max_update_norm: float = 0.0
     update_norm_action: NormAction = "reject"
     min_update_cosine: float = -1.0
+    max_failed_rounds: int = 3
 
     def __post_init__(self) -> None:
         _check_literals(self, "server")
@@ -336,6 +342,7 @@ class ServerConfig:
                 _fail(key, value, "0 (off) or a factor >= 1 (below 1 refuses typical replies)")
         _check_range("server.max-update-norm", self.max_update_norm, lo=0)
         _check_range("server.min-update-cosine", self.min_update_cosine, lo=-1, hi=1)
+        _check_range("server.max-failed-rounds", self.max_failed_rounds, lo=0, hi=100_000)
         if self.average_last >= 1 and self.average_last != int(self.average_last):
             _fail(
                 "server.average-last",
@@ -932,6 +939,8 @@ DESCRIPTIONS: dict[str, str] = {
     "server.clients-per-round": "clients trained per round: a fraction in (0, 1) or a count",
     "server.evaluate-clients": "clients in federated evaluation per round: fraction or count",
     "server.min-replies": "fewer valid replies leave the global model unchanged",
+    "server.max-failed-rounds": "the run stops after this many rounds in a row left the global "
+    "unchanged (no valid reply, or aggregation failed); 0 = never",
     "server.round-timeout": "seconds to wait for a round's replies",
     "server.lr": "server learning rate (FedAvgM step; 2 = twice the mean update)",
     "server.eta": "server learning rate of FedAdam/FedYogi/FedAdagrad",

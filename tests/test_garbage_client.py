@@ -48,3 +48,33 @@ def test_round_completes_without_the_garbage_client(tmp_path: Path) -> None:
         assert "invalid payload" in reason
     assert results["final"]["failures_total"] == 2
     assert results["final"]["accuracy"] is not None
+
+
+refusing_app = ClientApp()
+
+
+@refusing_app.train()
+def refuse(msg: Message, context: Context) -> Message:
+    return real_client._error_reply(msg, ValueError("this node refuses every round"))
+
+
+@refusing_app.evaluate()
+def evaluate_refusing(msg: Message, context: Context) -> Message:
+    return real_client.evaluate(msg, context)
+
+
+def test_run_stops_after_max_failed_rounds_in_a_row(tmp_path: Path) -> None:
+    """Every client refuses: the run stops after server.max-failed-rounds rounds, not after
+    all of them, and results.json says why; the student is still written."""
+    cfg = tiny_config(
+        tmp_path,
+        **{"rounds": 5, "server.max-failed-rounds": 2, "server.local-only": "auto"},
+    )
+    results = simulate_with(cfg, refusing_app)
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    stopped = results["final"]["stopped"]
+    assert stopped["round"] == 2
+    assert "rounds 1-2 all left the global unchanged" in stopped["reason"]
+    assert "this node refuses every round" in stopped["reason"]
+    assert results["final"]["local_only_accuracy"] is None  # a stopped run skips the baseline
+    assert (Path(cfg.output_dir) / "student").is_dir()

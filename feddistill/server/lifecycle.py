@@ -115,6 +115,15 @@ class RoundCheckpoints:
         return {n: arrays[n] for n in names}
 
 
+class RunStopped(Exception):
+    """Raised out of Flower's round loop when ``server.max-failed-rounds`` rounds in a row left
+    the global unchanged; :func:`~feddistill.server.run.run_server` finishes the run with it."""
+
+    def __init__(self, server_round: int, reason: str) -> None:
+        super().__init__(reason)
+        self.server_round, self.reason = server_round, reason
+
+
 class ServerRun:
     """The parts of one run, the state they save, and the step that ends each round."""
 
@@ -149,6 +158,7 @@ class ServerRun:
             self.parts["tail"] = self.tail
         self.done = 0  # rounds completed before this process started (resume)
         self.run_id = ""
+        self.last_global: dict[str, np.ndarray] | None = None  # the newest round's global
         self._clock = time.time()
 
     # -- start --------------------------------------------------------------------------------
@@ -224,7 +234,33 @@ class ServerRun:
         self.record.save()
         self.tracker.log_round(entry)  # the very entry results.json holds
         self._clock = now
+        self.last_global = global_now
+        if server_round < self.cfg.rounds:
+            self._stop_if_failing(server_round)
         return metrics
+
+    def _stop_if_failing(self, server_round: int) -> None:
+        """Raise :class:`RunStopped` after ``server.max-failed-rounds`` failed rounds in a row
+        (counted over the saved rounds too, so a resumed run keeps its count)."""
+        limit = self.cfg.server.max_failed_rounds
+        failed = 0
+        for entry in reversed(self.record.rounds):
+            if not entry.get("round_failure"):
+                break
+            failed += 1
+        if not limit or failed < limit:
+            return
+        last = self.record.rounds[-1]
+        reasons = last.get("failure_reasons") or []
+        shown = "; ".join(reasons[:3])
+        if len(reasons) > 3:
+            shown += f"; and {len(reasons) - 3} more"
+        reason = (
+            f"rounds {server_round - failed + 1}-{server_round} all left the global unchanged "
+            f"(server.max-failed-rounds = {limit}); round {server_round}: "
+            f"{last['round_failure']}" + (f"; {shown}" if shown else "")
+        )
+        raise RunStopped(server_round, reason)
 
     # -- end ----------------------------------------------------------------------------------
     def _still_improving(self, first: int, last_round: int) -> bool | None:

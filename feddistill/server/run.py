@@ -40,7 +40,7 @@ from feddistill.run_inputs import (
 )
 from feddistill.server.checkpoint import ReproducibleGrid
 from feddistill.server.grids import SAMPLER, SIMULATED_PARTITIONS, private_sampling
-from feddistill.server.lifecycle import Evaluator, ServerRun
+from feddistill.server.lifecycle import Evaluator, RunStopped, ServerRun
 from feddistill.server.progress import RoundWatch, WatchedGrid
 from feddistill.server.results import RunRecord, summarize_local_only
 from feddistill.server.tracking import Tracker
@@ -121,23 +121,32 @@ def _run_server(
         server_config(cfg.to_json(), labels.names, models.digest, bytes.fromhex(run.run_id))
     )
     initial = ArrayRecord({n: Array(start[n]) for n in models.names})
+    stopped: RunStopped | None = None
     with private_sampling():
-        result = strategy.start(
-            grid=ReproducibleGrid(WatchedGrid(grid, watch)),
-            initial_arrays=initial,
-            num_rounds=cfg.rounds - run.done,
-            timeout=cfg.server.round_timeout,
-            train_config=run_cfg,
-            evaluate_config=run_cfg,
-            evaluate_fn=run.end_of_round,
-        )
+        try:
+            result = strategy.start(
+                grid=ReproducibleGrid(WatchedGrid(grid, watch)),
+                initial_arrays=initial,
+                num_rounds=cfg.rounds - run.done,
+                timeout=cfg.server.round_timeout,
+                train_config=run_cfg,
+                evaluate_config=run_cfg,
+                evaluate_fn=run.end_of_round,
+            )
+            final_arrays = result.arrays if len(result.arrays) else initial
+            last = {n: final_arrays[n].numpy() for n in models.names}
+        except RunStopped as err:
+            stopped = err
+            log.error("stopping after round %d: %s", err.server_round, err.reason)
+            last = run.last_global if run.last_global is not None else dict(start)
 
-    final_arrays = result.arrays if len(result.arrays) else initial
-    extra = run.output_model({n: final_arrays[n].numpy() for n in models.names})
+    extra = run.output_model(last)
+    if stopped is not None:
+        extra["stopped"] = {"round": stopped.server_round, "reason": stopped.reason}
     student_dir = out / "student"
     save_student(evaluator.model, models.student_tokenizer, student_dir)
     extra["student_dir"] = str(student_dir)
-    if test is not None and _want_local_only(cfg, simulated):
+    if test is not None and stopped is None and _want_local_only(cfg, simulated):
         with torch_threads(eval_threads):
             extra.update(summarize_local_only(local_only_accuracies(cfg, labels, models, test)))
     else:
