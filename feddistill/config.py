@@ -168,9 +168,9 @@ class TeacherConfig:
     trains ``epochs`` epochs on all its rows; ``patience = 0`` does so always.
 
     The classification head starts from random weights on top of a pretrained backbone, so it
-    can learn at its own ``head_lr`` (0, the default: at ``lr``): at a pretrained backbone's
-    1e-4 a 150-class head hardly moved in ten epochs (docs/benchmarks.md, "Default flags on
-    any dataset"; not a default until measured on the students of all three sets).
+    can learn at its own ``head_lr`` (0, the default: at ``lr``). A faster head makes better
+    150-class teachers but did not make better students, so it is off by default
+    (docs/benchmarks.md, "A faster head for the teacher").
     """
 
     epochs: int = 10
