@@ -243,12 +243,14 @@ class ServerRun:
         """Raise :class:`RunStopped` after ``server.max-failed-rounds`` failed rounds in a row
         (counted over the saved rounds too, so a resumed run keeps its count)."""
         limit = self.cfg.server.max_failed_rounds
+        if not limit:
+            return
         failed = 0
         for entry in reversed(self.record.rounds):
             if not entry.get("round_failure"):
                 break
             failed += 1
-        if not limit or failed < limit:
+        if failed < limit:
             return
         last = self.record.rounds[-1]
         reasons = last.get("failure_reasons") or []

@@ -209,7 +209,7 @@ def direction_cosines(deltas: Sequence[np.ndarray]) -> list[float] | None:
     """
     if len(deltas) < MIN_DIRECTION_UPDATES:
         return None
-    norms = [math.sqrt(float(np.dot(d, d.astype(np.float64)))) for d in deltas]
+    norms = [update_norm({"": d}) for d in deltas]
     usable = [0 < n < math.inf for n in norms]
     total = np.zeros(deltas[0].shape, dtype=np.float64)
     touched = np.zeros(deltas[0].shape, dtype=np.int32)  # how many usable updates touch each
