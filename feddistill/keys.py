@@ -22,6 +22,7 @@ RUN_ID = "feddistill.run-id"  # 8 random bytes naming the run: new for a fresh r
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 PROXIMAL_MU = "proximal-mu"  # set by FedProx
 CLIP_NORM = "feddistill.clip-norm"  # privacy: this round's clipping norm (adaptive clipping)
+LOCAL_EPOCHS = "feddistill.local-epochs"  # this round's local epochs (train.rising-epochs)
 # secure aggregation: the ConfigRecord of a protocol step (feddistill.strategies.secure)
 SECAGG = "feddistill.secagg"
 

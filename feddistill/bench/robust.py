@@ -137,7 +137,12 @@ class RobustSetting:
             # compares how far an attack moved the model, and a federation still learning at
             # round 18 would read the average's lag as damage (measured: FedAvg 0% round 15
             # alone 0.40, the average of rounds 12-15 0.26).
-            extra={"server.average-last": 0.0, **self.extra},
+            # The smoke run trains 1 epoch a round throughout (no rising phase: 2 rounds).
+            extra={
+                "server.average-last": 0.0,
+                **({"train.rising-epochs": 0} if self.quick else {}),
+                **self.extra,
+            },
         )
 
 

@@ -69,6 +69,7 @@ def scale_config(num_clients: int, rounds: int, out_dir: Path, seed: int = 0) ->
         "model.student-layers": 1,
         "teacher.epochs": 1,
         "train.local-epochs": 1,
+        "train.rising-epochs": 0,  # the same work every round: seconds per round compare
         "server.clients-per-round": CLIENTS_PER_ROUND,
         "server.evaluate-clients": CLIENTS_PER_ROUND,
         "server.local-only": "off",

@@ -66,6 +66,7 @@ def unpack(msg: Message) -> RoundInput:
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
         run_id=unpack_run_id(config.get(keys.RUN_ID)),
         clip_norm=_clip_norm(config.get(keys.CLIP_NORM, 0.0)),
+        local_epochs=_local_epochs(config.get(keys.LOCAL_EPOCHS, 0)),
     )
 
 
@@ -82,6 +83,15 @@ def _clip_norm(value: object) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise PayloadError("config", f"{keys.CLIP_NORM} must be finite and >= 0, got {value!r}")
     return float(value)
+
+
+def _local_epochs(value: object) -> int:
+    """The round's local epochs from the server (``train.rising-epochs``); 0: not sent."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+        raise PayloadError(
+            "config", f"{keys.LOCAL_EPOCHS} must be an integer in [0, 1000], got {value!r}"
+        )
+    return value
 
 
 def _error_reply(msg: Message, err: Exception) -> Message:

@@ -79,6 +79,7 @@ class RoundInput:
     proximal_mu: float = 0.0
     run_id: str = ""  # hex; scopes residuals and a mutually trained teacher to the run
     clip_norm: float = 0.0  # privacy: this round's clip (adaptive clipping); 0: privacy.clip
+    local_epochs: int = 0  # this round's local epochs (train.rising-epochs); 0: train.local-epochs
     secure: SecureInput | None = None  # secure aggregation: this round's masking step
 
 
@@ -222,7 +223,7 @@ def train_round(
         t_train,
         teacher,
         logits,
-        epochs=cfg.train.local_epochs,
+        epochs=inp.local_epochs or cfg.train.local_epochs,
         seed=seed,
         device=device,
         proximal_mu=inp.proximal_mu,

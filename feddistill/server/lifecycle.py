@@ -45,6 +45,7 @@ from feddistill.server.checkpoint import (
     snapshot,
     state_path,
 )
+from feddistill.server.local_work import epochs_for_round
 from feddistill.server.output_model import TailAverage, still_improving, window_start
 from feddistill.server.progress import RoundWatch
 from feddistill.server.results import RunRecord, per_class_result
@@ -159,6 +160,7 @@ class ServerRun:
         self.done = 0  # rounds completed before this process started (resume)
         self.run_id = ""
         self.last_global: dict[str, np.ndarray] | None = None  # the newest round's global
+        self.settled: int | None = None  # the round the federated curve stopped rising
         self._clock = time.time()
 
     # -- start --------------------------------------------------------------------------------
@@ -199,6 +201,7 @@ class ServerRun:
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and self.done:  # resumed: the initial model was evaluated before
             self._clock = time.time()
+            self._plan_local_work()
             return None
         server_round += self.done  # Strategy.start counts from 1 again after a resume
         global_now = self.strategy.dense(arrays)
@@ -211,6 +214,7 @@ class ServerRun:
                 "loss": loss if stats else None,
             }
             self._clock = time.time()
+            self._plan_local_work()
             return metrics
         self.checkpoints.write(server_round, self.evaluator.model)
         now = time.time()
@@ -237,7 +241,30 @@ class ServerRun:
         self.last_global = global_now
         if server_round < self.cfg.rounds:
             self._stop_if_failing(server_round)
+            self._plan_local_work()
         return metrics
+
+    def _plan_local_work(self) -> None:
+        """Set the next round's local epochs (``train.rising-epochs``) from the run record's
+        federated validation accuracy, which a resumed run holds too."""
+        train = self.cfg.train
+        if not train.rising_epochs or not self.cfg.server.evaluate_clients:
+            return  # the clients' own train.local-epochs
+        curve = []
+        for entry in self.record.rounds:
+            value = (entry.get("federated_evaluation") or {}).get(keys.EVAL_ACCURACY)
+            if value is not None and math.isfinite(value):
+                curve.append((int(entry["round"]), float(value)))
+        epochs, settled = epochs_for_round(curve, train.local_epochs, train.rising_epochs)
+        if settled is not None and self.settled is None:
+            log.info(
+                "train.rising-epochs: the federated validation accuracy stopped rising at "
+                "round %d; train.local-epochs = %d local epochs a round from now on",
+                settled,
+                epochs,
+            )
+        self.settled = settled
+        self.strategy.train_overrides[keys.LOCAL_EPOCHS] = epochs
 
     def _stop_if_failing(self, server_round: int) -> None:
         """Raise :class:`RunStopped` after ``server.max-failed-rounds`` failed rounds in a row

@@ -21,6 +21,22 @@ import numpy as np
 MIN_TREND_POINTS = 4
 
 
+def trend(curve: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares slope of ``(round, accuracy)`` points and its standard error (None: fewer
+    than three points, or all in one round)."""
+    if len(curve) < 3:
+        return None
+    x = np.array([r for r, _ in curve], dtype=np.float64)
+    y = np.array([a for _, a in curve], dtype=np.float64)
+    dx = x - x.mean()
+    sxx = float(dx @ dx)
+    if sxx == 0:
+        return None
+    slope = float(dx @ (y - y.mean())) / sxx
+    residual = y - y.mean() - slope * dx
+    return slope, math.sqrt(float(residual @ residual) / (len(x) - 2) / sxx)
+
+
 def still_improving(curve: Sequence[tuple[int, float]]) -> bool | None:
     """Whether ``(round, accuracy)`` points rise: a least-squares slope above zero by more than
     two standard errors (None: fewer than :data:`MIN_TREND_POINTS` points).
@@ -32,17 +48,10 @@ def still_improving(curve: Sequence[tuple[int, float]]) -> bool | None:
     noisy curve (a few clients' small validation splits each round) reads as rising about one
     time in forty.
     """
-    if len(curve) < MIN_TREND_POINTS:
+    fit = trend(curve) if len(curve) >= MIN_TREND_POINTS else None
+    if fit is None:
         return None
-    x = np.array([r for r, _ in curve], dtype=np.float64)
-    y = np.array([a for _, a in curve], dtype=np.float64)
-    dx = x - x.mean()
-    sxx = float(dx @ dx)
-    if sxx == 0:
-        return None
-    slope = float(dx @ (y - y.mean())) / sxx
-    residual = y - y.mean() - slope * dx
-    se = math.sqrt(float(residual @ residual) / (len(x) - 2) / sxx)
+    slope, se = fit
     return slope > 2.0 * se and slope > 0
 
 

@@ -130,6 +130,7 @@ class RunRecord:
                 else {}
             ),
             "train": traffic.train_metrics,
+            "local_epochs": traffic.local_epochs,  # None: the clients' train.local-epochs
             "federated_evaluation": traffic.eval_metrics,
             "seconds": seconds,
             "elapsed": time.time() - self.started,

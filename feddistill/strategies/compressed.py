@@ -124,6 +124,7 @@ class RoundTraffic:
     secure_bytes: dict[str, int] = field(default_factory=dict)  # secure aggregation, by step
     secure_dropouts: int = 0  # shared keys (step 1) but sent no masked vector
     secure_bits_per_weight: float = 0.0  # a client's bytes, all steps, x 8 / exchanged weights
+    local_epochs: int | None = None  # what the round's training messages asked for
 
 
 @dataclass
@@ -182,6 +183,8 @@ class CompressedStrategy(Strategy):
         self.min_replies = min_replies
         self.round_offset = round_offset  # rounds completed before this start() (resume)
         self.traffic: dict[int, RoundTraffic] = {}
+        # ConfigRecord entries the server run decides per round (the next round's local epochs)
+        self.train_overrides: dict[str, int] = {}
         self._global: dict[str, np.ndarray] | None = None  # the round's global, by name
         self._global_flat: np.ndarray | None = None  # the same, flattened (FLAT)
         self._returned: tuple[ArrayRecord, dict[str, np.ndarray]] | None = None
@@ -566,6 +569,9 @@ class CompressedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        if self.train_overrides:  # a copy: Flower hands the evaluate step the same record
+            config = ConfigRecord({**dict(config), **self.train_overrides})
+            self._round(server_round).local_epochs = self.train_overrides.get(keys.LOCAL_EPOCHS)
         if self.privacy is not None:
             self.privacy.configure(config)
         flat = self._receive_global(arrays)

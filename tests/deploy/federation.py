@@ -84,7 +84,7 @@ DOC_VALUES: dict[str, Any] = {
 # The tiny model of tests/conftest.py TINY, as run-config text (the doc shows MiniLM instead).
 TINY_MODEL = (
     'model.teacher="builtin:micro" model.student-layers=1 teacher.epochs=1 '
-    "train.local-epochs=1 data.max-length=24"
+    "train.local-epochs=1 train.rising-epochs=0 data.max-length=24"
 )
 LABELS = "world,sports,business,science"  # the first four of feddistill.data.CORPUS_LABELS
 
