@@ -223,9 +223,9 @@ class TrainConfig:
     ``rising_epochs``: the local epochs of every round until the federated validation accuracy
     stops rising (the least-squares slope of its last 6 evaluated rounds is not above zero);
     from then on ``local_epochs``, for the rest of the run. More local work learns faster in
-    rounds (CLINC150: 79.3% with 4 epochs against 70.0% with 2), but once the federation has
-    learned what it can it over-fits each client's share (the embedded corpus: 0.771 against
-    0.799), docs/aggregation.md "Local work per round". 0 = off: ``local_epochs`` throughout;
+    rounds (CLINC150, AG News), but once the federation has learned what it can it over-fits
+    each client's share (the embedded corpus), docs/aggregation.md "Local work per round" and
+    docs/benchmarks.md for what it gained and cost. 0 = off: ``local_epochs`` throughout;
     below ``local_epochs`` it changes nothing (the rule adds local work, never removes it).
     Without federated evaluation (``server.evaluate-clients = 0``) there is no curve, and
     ``local_epochs`` is used throughout.
