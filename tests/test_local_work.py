@@ -143,6 +143,7 @@ def test_the_plan_is_read_from_the_run_record_so_a_resume_decides_alike() -> Non
             strategy=SimpleNamespace(train_overrides={}),
             settled=None,
         )
+        stub._federated_curve = lambda: ServerRun._federated_curve(stub)  # type: ignore[arg-type]
         ServerRun._plan_local_work(stub)  # type: ignore[arg-type]
         return stub
 

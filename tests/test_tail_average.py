@@ -135,19 +135,23 @@ def test_the_server_judges_the_trend_from_the_rounds_federated_evaluation(
 
     from feddistill import keys
     from feddistill.server.lifecycle import ServerRun
-    from feddistill.strategies.compressed import RoundTraffic
 
-    def traffic(accs: dict[int, float]) -> dict[int, RoundTraffic]:
-        return {r: RoundTraffic(eval_metrics={keys.EVAL_ACCURACY: a}) for r, a in accs.items()}
+    def traffic(accs: dict[int, float]) -> list[dict]:  # the run record's round entries
+        return [
+            {"round": r, "federated_evaluation": {keys.EVAL_ACCURACY: a}} for r, a in accs.items()
+        ]
 
     rising = traffic({r: 0.3 + 0.01 * r for r in range(1, 9)})
     flat = traffic({r: 0.5 + (0.01 if r % 2 else -0.01) for r in range(1, 9)})
     for when, accs, expected in (
         ("flat", rising, True),
         ("flat", flat, False),
-        ("flat", {}, None),  # no federated evaluation: nothing to judge, the window averages
+        ("flat", [], None),  # no federated evaluation: nothing to judge, the window averages
         ("always", rising, None),
     ):
         cfg = parse_config({"output-dir": str(tmp_path), "server.average-when": when})
-        run = SimpleNamespace(cfg=cfg, strategy=SimpleNamespace(traffic=accs))
+        run = SimpleNamespace(cfg=cfg, record=SimpleNamespace(rounds=accs))
+        run._federated_curve = lambda first, last, run=run: ServerRun._federated_curve(
+            run, first, last
+        )
         assert ServerRun._still_improving(run, 1, 8) is expected  # type: ignore[arg-type]

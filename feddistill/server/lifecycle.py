@@ -250,11 +250,7 @@ class ServerRun:
         train = self.cfg.train
         if not train.rising_epochs or not self.cfg.server.evaluate_clients:
             return  # the clients' own train.local-epochs
-        curve = []
-        for entry in self.record.rounds:
-            value = (entry.get("federated_evaluation") or {}).get(keys.EVAL_ACCURACY)
-            if value is not None and math.isfinite(value):
-                curve.append((int(entry["round"]), float(value)))
+        curve = self._federated_curve()
         epochs, settled = epochs_for_round(curve, train.local_epochs, train.rising_epochs)
         if settled is not None and self.settled is None:
             log.info(
@@ -297,13 +293,21 @@ class ServerRun:
         None when it is not judged (``always``, or too few evaluated rounds)."""
         if self.cfg.server.average_when == "always":
             return None
+        return still_improving(self._federated_curve(first, last_round))
+
+    def _federated_curve(
+        self, first: int = 1, last_round: int | None = None
+    ) -> list[tuple[int, float]]:
+        """``(round, federated validation accuracy)`` of rounds ``first..last_round`` (None:
+        every recorded round) with a finite one, from the run record (a resumed run's holds the
+        rounds before the resume too)."""
         curve = []
-        for r in range(first, last_round + 1):
-            traffic = self.strategy.traffic.get(r)
-            value = None if traffic is None else traffic.eval_metrics.get(keys.EVAL_ACCURACY)
-            if value is not None and math.isfinite(value):
-                curve.append((r, value))
-        return still_improving(curve)
+        for entry in self.record.rounds:
+            r = int(entry["round"])
+            value = (entry.get("federated_evaluation") or {}).get(keys.EVAL_ACCURACY)
+            if first <= r <= (last_round or r) and value is not None and math.isfinite(value):
+                curve.append((r, float(value)))
+        return curve
 
     def output_model(self, last: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Load the run's output model into the evaluator's model; its final-result fields.
