@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from feddistill import keys
 from feddistill.codec import encode, max_encoded_bytes, parse_spec
-from feddistill.records import metric_record, payload_record
+from feddistill.records import message_bytes, metric_record, payload_record
 from feddistill.server.results import RunRecord
 from feddistill.strategies import CompressedStrategy
 from feddistill.strategies.admission import (
@@ -502,6 +502,11 @@ def test_bad_evaluation_replies_are_dropped_and_named(tmp_path) -> None:
     extra = _eval_reply(8, {**good, "bonus": 1.0, keys.EVAL_ACCURACY: 0.9})
     empty = _eval_reply(6, {**good, keys.NUM_EXAMPLES: 0.0, keys.EVAL_ACCURACY: 0.0})
     liar = _eval_reply(9, {**good, keys.NUM_EXAMPLES: 1e12, keys.EVAL_ACCURACY: 0.0})
+    # every reply that arrived counts in the evaluation uplink, refused ones too
+    sizes = {
+        n: message_bytes(m)
+        for n, m in zip([*HONEST, 7, 8, 6, 9], [*replies, nan, extra, empty, liar], strict=True)
+    }
     wrapper = _wrapper()
     metrics = wrapper.aggregate_evaluate(1, [*replies, nan, extra, empty, liar])
     stats = wrapper.traffic[1]
@@ -516,6 +521,8 @@ def test_bad_evaluation_replies_are_dropped_and_named(tmp_path) -> None:
         1, 1, 0.5, 1.0, stats, 1.0, 144
     )
     assert entry["eval_failures"] == 1 and "node 7" in entry["eval_failure_reasons"][0]
+    assert stats.eval_bytes_up == sizes  # as they arrived: node 8's with its extra key
+    assert entry["eval_bytes_up"] == sum(sizes.values()) > 0
 
 
 # -- the pure rules --------------------------------------------------------------------------------

@@ -18,7 +18,16 @@ from matplotlib.image import imread
 from feddistill.cli import main
 from feddistill.distill.train import class_counts, encode_texts, evaluate, predict_logits
 from feddistill.models.build import Labels, build_teacher, builtin_tokenizer
-from feddistill.report import MD, PNG, accuracy_curve, load_results, summary, write_report
+from feddistill.report import (
+    MD,
+    PNG,
+    accuracy_curve,
+    format_markdown,
+    load_results,
+    round_bytes_per_client,
+    summary,
+    write_report,
+)
 from feddistill.server.results import human_bytes, per_class_result
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -186,6 +195,30 @@ def test_accuracy_curve_accumulates_bytes_per_client_from_round_zero() -> None:
     assert [p["bytes_per_client"] for p in curve] == pytest.approx(
         [0.0, UP[0] + DOWN[0], UP[0] + DOWN[0] + UP[1] + DOWN[1], sum(UP[:3]) + sum(DOWN[:3])]
     )
+
+
+def test_evaluation_messages_count_in_the_bytes_per_client_and_round() -> None:
+    """With the chained downlink an evaluation message carries the model versions a node
+    lacks, which its next training message then need not: counting training alone hid them."""
+    # Arrange: round 1 sends 2 training clients their messages and evaluates on 3 others
+    results = _results(2)
+    first = results["rounds"][0]
+    first["bytes_down_per_client"] = {"11": 15_000, "12": 25_000}
+    first["eval_bytes_down"], first["eval_bytes_up"] = 9_000, 300
+    first["secure_bytes"] = {"setup": 700}
+
+    # Act
+    curve = accuracy_curve(results)
+    s = summary(results)
+
+    # Assert: the round's evaluation bytes are shared over its 2 training clients
+    one = UP[0] + DOWN[0] + (9_000 + 300 + 700) / 2
+    assert round_bytes_per_client(first) == pytest.approx(one)
+    assert curve[1]["bytes_per_client"] == pytest.approx(one)
+    assert curve[2]["bytes_per_client"] == pytest.approx(one + UP[1] + DOWN[1])
+    assert s["evaluation_bytes_total"] == 10_000
+    assert s["bytes_per_client_round"] == pytest.approx((one + UP[1] + DOWN[1]) / 2)
+    assert "all messages" in format_markdown(results)
 
 
 def test_summary_takes_totals_from_the_rounds_so_a_finished_run_agrees_with_final() -> None:

@@ -15,10 +15,12 @@ def format_table(bench: dict[str, Any]) -> str:
     rows = bench["setting"]["rows"]
     head = (
         f"Accuracy on {rows['test']} test rows; 'best (eval)' is the best per-round accuracy "
-        f"on the {rows['eval']}-row eval subset. Bytes are per client per round, up + down.\n\n"
+        f"on the {rows['eval']}-row eval subset. Bytes per client per round count every "
+        "message: training up and down, and federated evaluation shared over the round's "
+        "training clients; the totals are over all clients.\n\n"
         "| scenario | accuracy | best (eval) | rounds | bytes/client/round | up total | "
-        "down total | seconds | notes |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|"
+        "down total | eval total | seconds | notes |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     lines = [head]
     for s in bench["scenarios"]:
@@ -30,7 +32,7 @@ def format_table(bench: dict[str, Any]) -> str:
             f"| {s['name']} | {acc} | {fmt_accuracy(s.get('eval_accuracy_best'))} | "
             f"{s['rounds']} | {fmt_bytes(s['bytes_per_client_round'])} | "
             f"{fmt_bytes(s['bytes_up_total'])} | {fmt_bytes(s['bytes_down_total'])} | "
-            f"{secs} | {s['notes']} |"
+            f"{fmt_bytes(s.get('evaluation_bytes_total'))} | {secs} | {s['notes']} |"
         )
     return "\n".join(lines)
 

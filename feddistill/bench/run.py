@@ -34,7 +34,7 @@ from feddistill.bench.spec import (
 )
 from feddistill.bench.wirecost import dense_exchange_bytes, trainable_arrays
 from feddistill.config import Config, parse_config
-from feddistill.report import accuracy_curve
+from feddistill.report import accuracy_curve, evaluation_bytes, round_bytes_per_client
 from feddistill.run_inputs import TextSplit
 
 log = logging.getLogger("feddistill")
@@ -201,6 +201,7 @@ def _entry(name: str, **fields: Any) -> dict[str, Any]:
         "bytes_down_per_client_round": None,
         "bytes_up_total": None,
         "bytes_down_total": None,
+        "evaluation_bytes_total": None,
         "rounds": 0,
         "seconds": None,
         "curve": [],
@@ -423,11 +424,13 @@ def _traffic(results: dict[str, Any]) -> dict[str, Any]:
     n = max(len(rounds), 1)
     final = results["final"]
     return {
-        "bytes_per_client_round": (sum(up) + sum(down)) / n,
+        # every message of the round, evaluation included (report.round_bytes_per_client)
+        "bytes_per_client_round": sum(round_bytes_per_client(r) for r in rounds) / n,
         "bytes_up_per_client_round": sum(up) / n,
         "bytes_down_per_client_round": sum(down) / n,
         "bytes_up_total": final["bytes_up_total"],
         "bytes_down_total": final["bytes_down_total"],
+        "evaluation_bytes_total": sum(evaluation_bytes(r) for r in rounds),
         "rounds": final["rounds_completed"],
         "curve": curve,
         "eval_accuracy_final": final["accuracy"],

@@ -223,7 +223,7 @@ def _log_done(record: RunRecord) -> None:
         )
     log.info(
         "done: %d rounds, final accuracy %s%s (best single round %s, round %s), local-only %s; "
-        "bytes up %s, down %s; %.0f s. Results in %s",
+        "bytes up %s, down %s, evaluation %s; %.0f s. Results in %s",
         f["rounds_completed"],
         _fmt(f["accuracy"]),
         averaged,
@@ -232,6 +232,7 @@ def _log_done(record: RunRecord) -> None:
         _fmt(f.get("local_only_accuracy")),
         f["bytes_up_total"],
         f["bytes_down_total"],
+        f["eval_bytes_down_total"] + f.get("eval_bytes_up_total", 0),
         f["seconds_total"],
         record.path,
     )

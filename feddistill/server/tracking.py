@@ -57,6 +57,7 @@ ROUND_FIELDS = {
     "bytes_up": "bytes/up_total",
     "bytes_down": "bytes/down_total",
     "eval_bytes_down": "bytes/eval_down_total",
+    "eval_bytes_up": "bytes/eval_up_total",
     "mean_bytes_up_per_client": "bytes/up_mean_per_client",
     "mean_bytes_down_per_client": "bytes/down_mean_per_client",
     "dense_float32_bytes_per_client": "bytes/dense_float32_per_client",

@@ -109,6 +109,7 @@ class RoundTraffic:
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
     eval_bytes_down: dict[int, int] = field(default_factory=dict)
+    eval_bytes_up: dict[int, int] = field(default_factory=dict)
     failures: list[tuple[int, str]] = field(default_factory=list)
     eval_failures: list[tuple[int, str]] = field(default_factory=list)
     train_metrics: dict[str, float] = field(default_factory=dict)
@@ -614,8 +615,7 @@ class CompressedStrategy(Strategy):
                 failures.append((node, reason))
                 log.warning("round %d: node %s failed to %s: %s", server_round, node, step, reason)
                 continue
-            if train:
-                stats.bytes_up[node] = message_bytes(msg)
+            (stats.bytes_up if train else stats.eval_bytes_up)[node] = message_bytes(msg)
             try:
                 candidate = self._admit(server_round, node, msg, schema)
                 if train and self.secure is not None:
