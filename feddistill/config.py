@@ -227,8 +227,8 @@ class TrainConfig:
     each client's share (the embedded corpus), docs/aggregation.md "Local work per round" and
     docs/benchmarks.md for what it gained and cost. 0 = off: ``local_epochs`` throughout;
     below ``local_epochs`` it changes nothing (the rule adds local work, never removes it).
-    Without federated evaluation (``server.evaluate-clients = 0``) there is no curve, and
-    ``local_epochs`` is used throughout.
+    Without a validation curve (``Config.validation_curve``: no validation rows, or
+    distributed DP) ``local_epochs`` is used throughout.
     """
 
     local_epochs: int = 2
@@ -274,8 +274,15 @@ class ServerConfig:
     that no single round's client sample decides it (docs/aggregation.md, "Averaged output model").
     ``average_when = "flat"`` averages only if the window's federated validation accuracy shows
     no rising trend (else the last global is the output: averaging a model that is still
-    learning returns an older one); ``always`` averages regardless. Without federated
-    evaluation there is no trend to judge and the window is averaged.
+    learning returns an older one); ``always`` averages regardless. The validation accuracy
+    is ``Config.validation_curve``'s; without one there is no trend to judge and the window is
+    averaged.
+
+    ``evaluate_clients``: federated evaluation of each round's global on that many clients (0,
+    the default: none). Off by default: with the chained downlink each evaluation message carries
+    the model versions its node lacks, bytes spent on measuring, where the training clients'
+    arrival figures give the rules the same kind of curve, one round later, at no extra bytes
+    (docs/benchmarks.md, "The bytes of federated evaluation").
 
     Admission control (docs/robustness.md): ``max_examples_factor`` caps a reply's
     ``num-examples`` at that multiple of the round's median claim where the server does not
@@ -293,7 +300,7 @@ class ServerConfig:
 
     strategy: str = "fedavgm"
     clients_per_round: float = 5.0
-    evaluate_clients: float = 5.0
+    evaluate_clients: float = 0.0
     min_replies: int = 1
     round_timeout: float = 600.0
     lr: float = 2.0
@@ -695,6 +702,20 @@ class Config:
         self._check_privacy()
         self._check_secure()
 
+    @property
+    def validation_curve(self) -> Literal["federated", "arrival", ""]:
+        """Where the server reads the federated validation accuracy of each round's global,
+        which the output rule and the local-work rule judge (docs/aggregation.md, "The
+        validation curve"): ``federated`` with federated evaluation on
+        (``server.evaluate-clients`` > 0); else ``arrival``, the training clients' own figures
+        for the global they received, sent with their updates; "" when there is none (no
+        validation rows, or distributed DP, whose clients report nothing but the noisy sum)."""
+        if self.server.evaluate_clients > 0:
+            return "federated"
+        if self.data.val_fraction == 0 or self.privacy.distributed:
+            return ""
+        return "arrival"
+
     def _check_secure(self) -> None:
         """Secure aggregation gives the server a sum: only mean-based rules can use it."""
         if not self.secure.aggregation:
@@ -910,7 +931,8 @@ DESCRIPTIONS: dict[str, str] = {
     "data.partitioning": "`iid`, `dirichlet` label skew, or `shards` (fixed classes per client)",
     "data.alpha": "Dirichlet concentration for `dirichlet` (smaller = more skewed)",
     "data.shards-per-client": "classes per client for `shards`",
-    "data.val-fraction": "share of each client's partition held out for federated evaluation",
+    "data.val-fraction": "share of each client's partition held out as its validation split "
+    "(the run's validation curve)",
     "data.min-partition-size": "smallest client partition accepted (smaller is an error)",
     "data.max-length": "tokens per text after truncation",
     "model.teacher": "teacher: hub id, local folder, `builtin:tiny|micro|small` or "
@@ -953,7 +975,8 @@ DESCRIPTIONS: dict[str, str] = {
     "train.precision": "autocast precision on CUDA",
     "server.strategy": "Flower strategy that aggregates the decoded updates",
     "server.clients-per-round": "clients trained per round: a fraction in (0, 1) or a count",
-    "server.evaluate-clients": "clients in federated evaluation per round: fraction or count",
+    "server.evaluate-clients": "clients in federated evaluation per round: fraction or count; "
+    "0: none, the validation curve comes from the training clients (docs/aggregation.md)",
     "server.min-replies": "fewer valid replies leave the global model unchanged",
     "server.max-failed-rounds": "the run stops after this many rounds in a row left the global "
     "unchanged (no valid reply, or aggregation failed); 0 = never",

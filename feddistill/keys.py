@@ -42,6 +42,12 @@ CLIENT_SECONDS = "client-seconds"
 TEACHER_FITTED = "teacher-fitted"  # 1.0 when the client fine-tuned its teacher this round
 STATE_BYTES = "state-bytes"  # node-local client state on disk after the round
 NORM_BIT = "norm-bit"  # privacy: 1.0 if the client's update was clipped this round, else 0.0
+# The global a training client received, on its validation split before it trains: the
+# validation curve of the previous round's global at no extra bytes (docs/aggregation.md)
+ARRIVAL_LOSS = "arrival-loss"
+ARRIVAL_ACCURACY = "arrival-accuracy"
+ARRIVAL_EXAMPLES = "arrival-examples"  # validation rows; 0: the client has none
+ARRIVAL_KEYS = (ARRIVAL_EXAMPLES, ARRIVAL_LOSS, ARRIVAL_ACCURACY)
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,15 @@ class ReplySchema:
 TRAIN_REPLY = ReplySchema(
     payload=True,
     required=(NUM_EXAMPLES,),
-    optional=(TRAIN_LOSS, TRAIN_ACCURACY, TEACHER_FITTED, CLIENT_SECONDS, STATE_BYTES, NORM_BIT),
+    optional=(
+        TRAIN_LOSS,
+        TRAIN_ACCURACY,
+        TEACHER_FITTED,
+        CLIENT_SECONDS,
+        STATE_BYTES,
+        NORM_BIT,
+        *ARRIVAL_KEYS,
+    ),
 )
 # An evaluation reply exists to report these three.
 EVALUATE_REPLY = ReplySchema(payload=False, required=(NUM_EXAMPLES, EVAL_LOSS, EVAL_ACCURACY))

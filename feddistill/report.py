@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from feddistill.server.output_model import validation_curve
 from feddistill.server.results import human_bytes
 
 RESULTS = "results.json"
@@ -284,18 +285,13 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
         ms=3,
         label="global model of each round (test set)",
     )
-    fed = [
-        (r["round"], r["federated_evaluation"]["eval-accuracy"])
-        for r in rounds
-        if (r.get("federated_evaluation") or {}).get("eval-accuracy") is not None
-    ]
-    if fed:
-        acc_ax.plot(
-            *zip(*fed, strict=True),
-            ls="--",
-            marker=".",
-            label="federated eval (clients' own splits)",
-        )
+    for source, label in (
+        ("federated", "federated eval (clients' own splits)"),
+        ("arrival", "training clients' splits, on arrival (the previous round's global)"),
+    ):
+        points = validation_curve(rounds, source)
+        if points:
+            acc_ax.plot(*zip(*points, strict=True), ls="--", marker=".", label=label)
     if s["final_accuracy"] is not None and rounds:
         first, last = s["averaged_rounds"] or (rounds[-1]["round"], rounds[-1]["round"])
         acc_ax.plot(

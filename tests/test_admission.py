@@ -71,6 +71,9 @@ def _metrics(n: float = 10.0, **extra: object) -> dict[str, object]:
         keys.TEACHER_FITTED: 0.0,
         keys.CLIENT_SECONDS: 1.0,
         keys.STATE_BYTES: 100.0,
+        keys.ARRIVAL_EXAMPLES: 2.0,
+        keys.ARRIVAL_LOSS: 1.2,
+        keys.ARRIVAL_ACCURACY: 0.4,
     }
     return {**base, **extra}
 
@@ -158,9 +161,10 @@ def test_extra_metric_key_is_dropped_with_a_note_not_a_crash(make_inner, caplog)
         got, metrics = wrapper.aggregate_train(1, [*replies, odd])
     # Assert: all five aggregated, as Flower would aggregate them without the extra key/record
     assert wrapper.traffic[1].replies == 5 and not wrapper.traffic[1].failures
-    dense = [
-        _reply(i, np.zeros(1, np.uint8), _metrics()) for i in (*HONEST, 9)
-    ]  # same metrics, dense arrays
+    handed_on = {k: v for k, v in _metrics().items() if k not in keys.ARRIVAL_KEYS}
+    dense = [  # same metrics less the arrival figures (the wrapper weighs those), dense arrays
+        _reply(i, np.zeros(1, np.uint8), handed_on) for i in (*HONEST, 9)
+    ]
     for msg, d in zip(dense, [*deltas, odd_delta], strict=True):
         msg.content[keys.ARRAYS] = ArrayRecord(
             {n: Array(wrapper._global[n] + d[n]) for n, _ in SCHEMA}

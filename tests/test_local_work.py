@@ -125,16 +125,17 @@ def test_a_client_trains_the_epochs_the_server_asks_for(
 
 def test_the_plan_is_read_from_the_run_record_so_a_resume_decides_alike() -> None:
     """``ServerRun._plan_local_work`` reads only the saved record: a record that holds a flat
-    stretch (as a resumed run's does) settles at once; rounds without a finite federated
-    accuracy are left out of the curve; with evaluation off nothing is sent."""
+    stretch (as a resumed run's does) settles at once; rounds without a finite validation
+    accuracy are left out of the curve; the arrival figures of round r judge round r-1's
+    global; with no validation curve nothing is sent."""
     from types import SimpleNamespace
 
     from feddistill.config import parse_config
     from feddistill.server.lifecycle import ServerRun
 
-    def run(values: list[float | None], **flat: object) -> SimpleNamespace:
+    def run(values: list[float | None], field: str, **flat: object) -> SimpleNamespace:
         rounds = [
-            {"round": i + 1, "federated_evaluation": {} if v is None else {keys.EVAL_ACCURACY: v}}
+            {"round": i + 1, field: {} if v is None else {keys.EVAL_ACCURACY: v}}
             for i, v in enumerate(values)
         ]
         stub = SimpleNamespace(
@@ -147,9 +148,19 @@ def test_the_plan_is_read_from_the_run_record_so_a_resume_decides_alike() -> Non
         ServerRun._plan_local_work(stub)  # type: ignore[arg-type]
         return stub
 
-    flat = run([0.3, 0.5, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8])
+    federated = {"server.evaluate-clients": 5}
+    flat = run([0.3, 0.5, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], "federated_evaluation", **federated)
     assert flat.strategy.train_overrides == {keys.LOCAL_EPOCHS: 2} and flat.settled == 9
-    gaps = run([0.3, None, 0.5, float("nan"), 0.7, 0.8, 0.85, None, 0.9])  # 6 finite, rising
+    gaps = run(
+        [0.3, None, 0.5, float("nan"), 0.7, 0.8, 0.85, None, 0.9],  # 6 finite, rising
+        "federated_evaluation",
+        **federated,
+    )
     assert gaps.strategy.train_overrides == {keys.LOCAL_EPOCHS: 4} and gaps.settled is None
-    off = run([0.3], **{"server.evaluate-clients": 0})
+    # the default: no federated evaluation, the training clients' arrival figures instead
+    arrival = run([0.3, 0.5, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], "arrival_evaluation")
+    assert arrival.strategy.train_overrides == {keys.LOCAL_EPOCHS: 2} and arrival.settled == 8
+    ignored = run([0.8] * 9, "federated_evaluation")  # evaluation off: its field is not read
+    assert ignored.strategy.train_overrides == {keys.LOCAL_EPOCHS: 4}
+    off = run([0.3], "arrival_evaluation", **{"data.val-fraction": 0.0})
     assert off.strategy.train_overrides == {}

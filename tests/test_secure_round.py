@@ -123,10 +123,10 @@ def test_a_secure_round_moves_the_global_on_the_shared_pattern_only(
     assert stats.secure_dropouts == 0
     # all steps of a client, per exchanged weight: far below float32's 32 bits
     assert 0.0 < stats.secure_bits_per_weight < 32.0
-    # a reply is the masked vector, one byte a shared weight (m = 5 + 2 bits), plus ~0.9 KB of
-    # metrics and record framing
+    # a reply is the masked vector, one byte a shared weight (m = 5 + 2 bits), plus ~1 KB of
+    # metrics (the arrival figures included) and record framing
     kept = round(cfg.secure.keep * before.size)
-    assert all(kept < up < kept + 1024 for up in stats.bytes_up.values()), stats.bytes_up
+    assert all(kept < up < kept + 1280 for up in stats.bytes_up.values()), (kept, stats.bytes_up)
 
 
 def test_a_dropout_after_masking_is_survived_and_too_many_fail_the_round(tmp_path: Path) -> None:

@@ -149,7 +149,13 @@ def test_the_server_judges_the_trend_from_the_rounds_federated_evaluation(
         ("flat", [], None),  # no federated evaluation: nothing to judge, the window averages
         ("always", rising, None),
     ):
-        cfg = parse_config({"output-dir": str(tmp_path), "server.average-when": when})
+        cfg = parse_config(
+            {
+                "output-dir": str(tmp_path),
+                "server.average-when": when,
+                "server.evaluate-clients": 5,
+            }
+        )
         run = SimpleNamespace(cfg=cfg, record=SimpleNamespace(rounds=accs))
         run._federated_curve = lambda first, last, run=run: ServerRun._federated_curve(
             run, first, last

@@ -35,6 +35,7 @@ from feddistill.codec.chain import DIGEST_CHECK, apply_chain, unpack_chain
 from feddistill.codec.wire import unflatten
 from feddistill.config import Config, parse_config
 from feddistill.distill.train import (
+    Stats,
     encode_texts,
     evaluate,
     pick_device,
@@ -215,6 +216,7 @@ def train_round(
 
     student = copy.deepcopy(models.student)
     set_arrays(student, ref)
+    arrival = _on_validation(cfg, models, data, student, device)
     seed = _round_seed(cfg.seed, inp.server_round, data.key)
     stats = distill_student(
         cfg,
@@ -258,6 +260,9 @@ def train_round(
         keys.TEACHER_FITTED: float(fitted),
         keys.CLIENT_SECONDS: time.perf_counter() - t0,
         keys.STATE_BYTES: float(state.disk_bytes()),
+        keys.ARRIVAL_EXAMPLES: float(arrival.examples),
+        keys.ARRIVAL_LOSS: arrival.loss if arrival.examples else 0.0,
+        keys.ARRIVAL_ACCURACY: arrival.accuracy if arrival.examples else 0.0,
     }
     if attacker:
         payload, metrics = hostile.reply(cfg, payload, metrics, inp.server_round, data.key)
@@ -343,6 +348,21 @@ def secure_update(
     return np.frombuffer(pack(masked, spec), dtype=np.uint8)
 
 
+def _on_validation(
+    cfg: Config, models: InitialModels, data: NodeData, student: Any, device: torch.device
+) -> Stats:
+    """``student`` on this client's validation split (no rows: ``examples`` 0).
+
+    A training client runs it on the global it received before it trains: that gives the
+    server the previous round's global on the round's clients at no extra bytes, where a
+    federated-evaluation message would carry the model versions to other nodes
+    (docs/aggregation.md, "The validation curve")."""
+    val = encode_texts(
+        models.student_tokenizer, data.val.texts, data.val.labels, cfg.data.max_length
+    )
+    return evaluate(student, val, device=device, precision=cfg.train.precision)
+
+
 def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, float]:
     """Federated evaluation: the received global student on this client's validation split."""
     cfg, labels = inp.cfg, inp.labels
@@ -351,10 +371,7 @@ def evaluate_round(inp: RoundInput, node_config: dict[str, Any]) -> dict[str, fl
     student = copy.deepcopy(models.student)
     set_arrays(student, received_arrays(models, cfg, inp.payload, data.cache_root))
     device = pick_device(cfg.train.device)
-    val = encode_texts(
-        models.student_tokenizer, data.val.texts, data.val.labels, cfg.data.max_length
-    )
-    stats = evaluate(student, val, device=device, precision=cfg.train.precision)
+    stats = _on_validation(cfg, models, data, student, device)
     del student
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -18,7 +18,6 @@ from this round, not from the one before. :meth:`ServerRun.resume_or_start` load
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -46,7 +45,12 @@ from feddistill.server.checkpoint import (
     state_path,
 )
 from feddistill.server.local_work import epochs_for_round
-from feddistill.server.output_model import TailAverage, still_improving, window_start
+from feddistill.server.output_model import (
+    TailAverage,
+    still_improving,
+    validation_curve,
+    window_start,
+)
 from feddistill.server.progress import RoundWatch
 from feddistill.server.results import RunRecord, per_class_result
 from feddistill.server.tracking import Tracker
@@ -248,7 +252,7 @@ class ServerRun:
         """Set the next round's local epochs (``train.rising-epochs``) from the run record's
         federated validation accuracy, which a resumed run holds too."""
         train = self.cfg.train
-        if not train.rising_epochs or not self.cfg.server.evaluate_clients:
+        if not train.rising_epochs or not self.cfg.validation_curve:
             return  # the clients' own train.local-epochs
         curve = self._federated_curve()
         epochs, settled = epochs_for_round(curve, train.local_epochs, train.rising_epochs)
@@ -298,16 +302,9 @@ class ServerRun:
     def _federated_curve(
         self, first: int = 1, last_round: int | None = None
     ) -> list[tuple[int, float]]:
-        """``(round, federated validation accuracy)`` of rounds ``first..last_round`` (None:
-        every recorded round) with a finite one, from the run record (a resumed run's holds the
-        rounds before the resume too)."""
-        curve = []
-        for entry in self.record.rounds:
-            r = int(entry["round"])
-            value = (entry.get("federated_evaluation") or {}).get(keys.EVAL_ACCURACY)
-            if first <= r <= (last_round or r) and value is not None and math.isfinite(value):
-                curve.append((r, float(value)))
-        return curve
+        """The validation accuracy of the globals of rounds ``first..last_round`` (None: all),
+        from the run record (a resumed run's holds the rounds before the resume too)."""
+        return validation_curve(self.record.rounds, self.cfg.validation_curve, first, last_round)
 
     def output_model(self, last: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Load the run's output model into the evaluator's model; its final-result fields.

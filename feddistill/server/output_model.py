@@ -20,6 +20,9 @@ import numpy as np
 # Fewer federated-evaluation points than this in the window say nothing about a trend.
 MIN_TREND_POINTS = 4
 
+# Config.validation_curve -> (round-entry field, how many rounds before the entry its global is)
+CURVE_SOURCES = {"federated": ("federated_evaluation", 0), "arrival": ("arrival_evaluation", 1)}
+
 
 def trend(curve: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
     """Least-squares slope of ``(round, accuracy)`` points and its standard error (None: fewer
@@ -35,6 +38,31 @@ def trend(curve: Sequence[tuple[int, float]]) -> tuple[float, float] | None:
     slope = float(dx @ (y - y.mean())) / sxx
     residual = y - y.mean() - slope * dx
     return slope, math.sqrt(float(residual @ residual) / (len(x) - 2) / sxx)
+
+
+def validation_curve(
+    rounds: Sequence[Mapping[str, Any]],
+    source: str,
+    first: int = 0,
+    last_round: int | None = None,
+) -> list[tuple[int, float]]:
+    """``(round, validation accuracy of that round's global)`` from a run record's rounds, for
+    the globals of rounds ``first..last_round`` (None: all) with a finite figure.
+
+    ``source`` (``Config.validation_curve``): ``federated`` reads each round's
+    ``federated_evaluation``; ``arrival`` reads each round's ``arrival_evaluation``, the
+    figures its training clients sent for the global they received, i.e. the *previous*
+    round's (round 1's clients judge the initial model, round 0); "" gives no curve.
+    """
+    field, lag = CURVE_SOURCES.get(source, ("", 0))
+    curve = []
+    for entry in rounds if field else ():
+        r = int(entry["round"]) - lag
+        value = (entry.get(field) or {}).get("eval-accuracy")
+        wanted = first <= r and (last_round is None or r <= last_round)
+        if wanted and value is not None and math.isfinite(value):
+            curve.append((r, float(value)))
+    return curve
 
 
 def still_improving(curve: Sequence[tuple[int, float]]) -> bool | None:

@@ -133,6 +133,8 @@ class RunRecord:
             "train": traffic.train_metrics,
             "local_epochs": traffic.local_epochs,  # None: the clients' train.local-epochs
             "federated_evaluation": traffic.eval_metrics,
+            # the previous round's global on this round's training clients, before they trained
+            "arrival_evaluation": traffic.arrival_metrics,
             "seconds": seconds,
             "elapsed": time.time() - self.started,
             **(client_state or {}),  # state_bytes_mean / state_bytes_max of sampled clients
@@ -143,6 +145,9 @@ class RunRecord:
         acc = "n/a" if entry["accuracy"] is None else f"{accuracy:.4f}"
         fed = traffic.eval_metrics.get(keys.EVAL_ACCURACY)
         fed_txt = "" if fed is None else f"  fed-acc {fed:.4f}"
+        arrived = traffic.arrival_metrics.get(keys.EVAL_ACCURACY)
+        if fed is None and arrived is not None:
+            fed_txt = f"  val-acc of round {server_round - 1} {arrived:.4f}"
         if privacy is not None:
             eps = privacy.get("epsilon")
             fed_txt += "  eps inf" if eps is None else f"  eps {eps:.3g}"

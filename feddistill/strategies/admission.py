@@ -162,6 +162,37 @@ def examples_cap(claims: Sequence[int], factor: float) -> int | None:
     return max(1, math.floor(factor * statistics.median_low(claims)))
 
 
+def arrival_evaluation(
+    reports: Sequence[tuple[float, float, int]], factor: float
+) -> dict[str, float] | None:
+    """The received global's validation figures over a round's training clients.
+
+    ``reports``: each client's ``(accuracy, loss, validation rows)`` as it claims them. The
+    mean is weighted by rows, as federated evaluation is, but a claim counts at most ``factor``
+    times the low median claim (:func:`examples_cap`), so one client cannot claim the weight of
+    the round; accuracy is clamped to [0, 1] and loss to >= 0, so a lie moves the mean by its
+    bounded share only. None when no client has validation rows.
+    """
+    rows = [(a, loss, n) for a, loss, n in reports if n > 0]
+    if not rows:
+        return None
+    cap = examples_cap([n for _, _, n in rows], factor)
+    weights = [min(n, cap) if cap is not None else n for _, _, n in rows]
+    total = sum(weights)
+    return {
+        keys.EVAL_ACCURACY: sum(
+            w * min(max(a, 0.0), 1.0) for w, (a, _, _) in zip(weights, rows, strict=True)
+        )
+        / total,
+        keys.EVAL_LOSS: sum(
+            w * max(loss, 0.0) for w, (_, loss, _) in zip(weights, rows, strict=True)
+        )
+        / total,
+        "examples": float(sum(n for _, _, n in rows)),
+        "clients": float(len(rows)),
+    }
+
+
 def update_norm(delta: Mapping[str, np.ndarray]) -> float:
     """L2 norm of an update over all its tensors, summed in float64 (float32 squares of the
     values a hostile payload may carry, up to 3.4e38, overflow to Inf)."""

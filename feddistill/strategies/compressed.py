@@ -66,6 +66,7 @@ from feddistill.strategies.admission import (
     AdmissionError,
     AdmissionPolicy,
     all_finite,
+    arrival_evaluation,
     check_metrics,
     check_num_examples,
     check_records,
@@ -126,6 +127,8 @@ class RoundTraffic:
     secure_dropouts: int = 0  # shared keys (step 1) but sent no masked vector
     secure_bits_per_weight: float = 0.0  # a client's bytes, all steps, x 8 / exchanged weights
     local_epochs: int | None = None  # what the round's training messages asked for
+    # the previous round's global on this round's training clients' validation splits
+    arrival_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -409,11 +412,28 @@ class CompressedStrategy(Strategy):
                 )
                 c.examples = cap
 
+    def _arrival(self, candidates: list[_Candidate]) -> dict[str, float]:
+        """The global these clients received (the previous round's), on their validation
+        splits before they trained: every admitted reply that carries the figures counts."""
+        reports = [
+            (
+                c.metrics[keys.ARRIVAL_ACCURACY],
+                c.metrics[keys.ARRIVAL_LOSS],
+                max(int(c.metrics[keys.ARRIVAL_EXAMPLES]), 0),
+            )
+            for c in candidates
+            if all(k in c.metrics for k in keys.ARRIVAL_KEYS)
+        ]
+        return arrival_evaluation(reports, self.admission.max_examples_factor) or {}
+
     def _shared_metrics(self, candidates: list[_Candidate]) -> set[str]:
         """Metric keys every candidate carries: Flower's aggregation refuses replies whose keys
-        differ, so an optional key some replies lack is left out of this round's aggregate."""
-        shared = set.intersection(*(set(c.metrics) for c in candidates))
-        lacking = set.union(*(set(c.metrics) for c in candidates)) - shared
+        differ, so an optional key some replies lack is left out of this round's aggregate.
+        The arrival evaluation is never handed on: the wrapper weighs it itself, by validation
+        rows, in :meth:`_arrival`."""
+        carried = [set(c.metrics) - set(keys.ARRIVAL_KEYS) for c in candidates]
+        shared = set.intersection(*carried)
+        lacking = set.union(*carried) - shared
         if lacking:
             log.info(
                 "metrics %s are not in every reply; left out of this round's aggregate",
@@ -641,6 +661,7 @@ class CompressedStrategy(Strategy):
         server_round += self.round_offset
         stats = self._round(server_round)
         candidates = self._screen("train", server_round, replies)
+        stats.arrival_metrics = self._arrival(candidates)
         if self.secure is not None:
             valid, stats.replies = self._secure_mean(server_round, candidates, stats)
         else:
