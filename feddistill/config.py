@@ -131,8 +131,13 @@ class ModelConfig:
     the teacher: same tokenizer and embeddings, ``student_layers`` of its layers (DistilBERT-style
     initialization), optionally frozen embeddings so only the rest is exchanged. ``freeze`` is a
     regular expression: student parameters whose names it matches (``re.search``) are frozen
-    too, so neither trained nor exchanged; e.g. the feed-forward blocks of a BERT-style student
-    (``intermediate\\.dense|layer\\.\\d+\\.output\\.dense``), which hold two thirds of each layer.
+    too, so neither trained nor exchanged. ``freeze_feed_forward`` (on by default) freezes the
+    feed-forward blocks of a derived student (``intermediate.dense`` and the layer's
+    ``output.dense``: two thirds of each layer's weights), which keep the teacher's weights;
+    it applies to derived students only, whose layout is known (use ``freeze`` for another
+    student). Why on: with the layers' attention, norms, pooler and head left to learn, a round's
+    1% of the exchanged weights covers a larger share of what moves, and the student learned
+    faster in rounds on every development set (docs/benchmarks.md, 2026-12-07).
     """
 
     teacher: str = "builtin:tiny"
@@ -141,6 +146,7 @@ class ModelConfig:
     layer_selection: LayerSelection = "every-other"
     freeze_embeddings: bool = False
     freeze: str = ""
+    freeze_feed_forward: bool = True
 
     def __post_init__(self) -> None:
         _check_literals(self, "model")
@@ -944,6 +950,8 @@ DESCRIPTIONS: dict[str, str] = {
     "model.freeze-embeddings": "freeze the student's embeddings (not trained, not exchanged)",
     "model.freeze": "regular expression over student parameter names to freeze as well "
     "(empty: none)",
+    "model.freeze-feed-forward": "freeze a derived student's feed-forward blocks (they keep the "
+    "teacher's weights; not trained, not exchanged)",
     "teacher.epochs": "most epochs of local teacher fine-tuning (once per client, then cached)",
     "teacher.patience": "stop the teacher after this many epochs without a better holdout "
     "accuracy, keeping the best epoch (0: train teacher.epochs on all rows)",

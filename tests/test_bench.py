@@ -176,7 +176,8 @@ def test_bench_end_to_end_on_tiny_csv(tmp_path: Path) -> None:
     assert fed["bytes_up_total"] > 0 and fed["bytes_down_total"] > 0
     # the codecs that ran, --set included, not the scenario's description of the defaults
     assert fed["uplink"] == "gtopk:0.01+q4+ef" and "uplink gtopk:0.01+q4+ef" in fed["notes"]
-    assert fed["frozen"] == BERT_FFN and f"frozen {BERT_FFN}" in fed["notes"]
+    frozen = f"feed-forward + {BERT_FFN}"  # the default's, and --compressed-freeze's pattern
+    assert fed["frozen"] == frozen and f"frozen {frozen}" in fed["notes"]
     assert teacher["accuracy"] is None and "not run" in teacher["notes"]
     assert teacher["bytes_per_client_round"] > 8 * saved["setting"]["rows"]["train"]
     table = (out / "bench.md").read_text()

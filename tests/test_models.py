@@ -10,6 +10,7 @@ import torch
 
 from feddistill.config import ConfigError, parse_config
 from feddistill.models.build import (
+    FEED_FORWARD,
     Labels,
     ModelError,
     build_student,
@@ -85,6 +86,31 @@ def test_freeze_pattern_removes_matching_parameters_from_the_exchange(tokenizer)
         build_student(parse_config({"model.freeze": "nope"}).model, teacher, LABELS, 0, tokenizer)
     with pytest.raises(ModelError, match="leaves no trainable parameter"):
         build_student(parse_config({"model.freeze": "."}).model, teacher, LABELS, 0, tokenizer)
+
+
+def test_a_derived_student_keeps_its_feed_forward_blocks_off_the_wire_by_default(
+    tokenizer,
+) -> None:
+    teacher = build_teacher("builtin:tiny", LABELS, tokenizer, seed=0)
+    default = build_student(parse_config({}).model, teacher, LABELS, 0, tokenizer)
+    names = exchanged_names(default)
+    assert names and not any(re.search(FEED_FORWARD, n) for n in names)
+    assert any("attention.output.dense" in n for n in names)  # the attention still learns
+    # frozen means the teacher's weights, kept: the derived layer 0 is the teacher's layer 0
+    student_ff = dict(default.named_parameters())["bert.encoder.layer.0.intermediate.dense.weight"]
+    teacher_ff = dict(teacher.named_parameters())["bert.encoder.layer.0.intermediate.dense.weight"]
+    assert torch.equal(student_ff, teacher_ff) and not student_ff.requires_grad
+    off = parse_config({"model.freeze-feed-forward": False}).model
+    assert any(
+        re.search(FEED_FORWARD, n)
+        for n in exchanged_names(build_student(off, teacher, LABELS, 0, tokenizer))
+    )
+    # another student's layout is not known: the default leaves it whole
+    other = parse_config({"model.student": "builtin:tiny"}).model
+    assert any(
+        re.search(FEED_FORWARD, n)
+        for n in exchanged_names(build_student(other, teacher, LABELS, 0, tokenizer))
+    )
 
 
 def test_bad_freeze_pattern_is_a_named_config_error() -> None:

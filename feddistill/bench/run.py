@@ -373,10 +373,10 @@ class Runner:
             uplink=c.uplink,
             downlink=f"{c.downlink} ({c.downlink_protocol})",
             strategy=cfg.server.strategy,
-            frozen=cfg.model.freeze,
+            frozen=_frozen(cfg),
             exchanged_parameters=results["model"]["exchanged_parameters"],
             notes=f"{sc.note}; uplink {c.uplink}, downlink {c.downlink} ({c.downlink_protocol}), "
-            f"{cfg.server.strategy}" + (f"; frozen {cfg.model.freeze}" if cfg.model.freeze else ""),
+            f"{cfg.server.strategy}" + (f"; frozen {_frozen(cfg)}" if _frozen(cfg) else ""),
         )
 
     # -- bytes only ----------------------------------------------------------------------------
@@ -398,6 +398,15 @@ class Runner:
             f"the teacher's {cost.parameters:,} trainable parameters ({cost.arrays} arrays) "
             f"as float32, sized with feddistill.records.message_bytes",
         )
+
+
+def _frozen(cfg: Config) -> str:
+    """What of the student beyond its embeddings is frozen: the feed-forward blocks
+    (``model.freeze-feed-forward``, derived students) and ``model.freeze``."""
+    parts = (
+        ["feed-forward"] if cfg.model.student == "derived" and cfg.model.freeze_feed_forward else []
+    )
+    return " + ".join([*parts, *([cfg.model.freeze] if cfg.model.freeze else [])])
 
 
 def _drop_residuals(cache_dir: Path) -> int:

@@ -166,6 +166,12 @@ def select_layers(num_teacher_layers: int, k: int, how: str) -> list[int]:
     return [int(i * step) for i in range(k)]
 
 
+# The feed-forward blocks of the BERT-family layers a derived student is cut from
+# (``<base>.encoder.layer.<i>.intermediate.dense`` and ``...layer.<i>.output.dense``; the
+# attention's own ``attention.output.dense`` is not matched): ``model.freeze-feed-forward``.
+FEED_FORWARD = r"intermediate\.dense|layer\.\d+\.output\.dense"
+
+
 def derive_student(teacher: PreTrainedModel, cfg: ModelConfig, seed: int) -> PreTrainedModel:
     """DistilBERT-style student: teacher embeddings and a subset of its layers; fresh head."""
     layers = _encoder_layers(teacher)
@@ -210,6 +216,8 @@ def build_student(
         base = getattr(student, student.base_model_prefix)
         for p in base.embeddings.parameters():
             p.requires_grad_(False)
+    if cfg.student == "derived" and cfg.freeze_feed_forward:
+        freeze_matching(student, FEED_FORWARD)
     if cfg.freeze:
         freeze_matching(student, cfg.freeze)
     return student
