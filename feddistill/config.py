@@ -135,9 +135,11 @@ class ModelConfig:
     feed-forward blocks of a derived student (``intermediate.dense`` and the layer's
     ``output.dense``: two thirds of each layer's weights), which keep the teacher's weights;
     it applies to derived students only, whose layout is known (use ``freeze`` for another
-    student). Why on: with the layers' attention, norms, pooler and head left to learn, a round's
-    1% of the exchanged weights covers a larger share of what moves, and the student learned
-    faster in rounds on every development set (docs/benchmarks.md, 2026-12-07).
+    student). Why on: the pretrained feed-forward blocks stay as they are, a round's 1% of the
+    exchanged weights covers the attention, norms and head that have to move, and a round
+    moves 2.6 times fewer bytes; on CLINC150 the student ended 6.9 points higher, on AG News
+    level, on the embedded corpus +4.2 and -3.8 over two seeds (docs/benchmarks.md,
+    2026-12-07).
     """
 
     teacher: str = "builtin:tiny"

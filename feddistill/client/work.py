@@ -216,7 +216,10 @@ def train_round(
 
     student = copy.deepcopy(models.student)
     set_arrays(student, ref)
-    arrival = _on_validation(cfg, models, data, student, device)
+    # distributed DP sends nothing computed from the data but the noisy sum: no arrival figures
+    arrival = (
+        None if cfg.privacy.distributed else _on_validation(cfg, models, data, student, device)
+    )
     seed = _round_seed(cfg.seed, inp.server_round, data.key)
     stats = distill_student(
         cfg,
@@ -252,6 +255,7 @@ def train_round(
         # The server is not trusted: nothing computed from the data leaves but the noisy sum
         # (the example count is reported as 1; weighting is uniform under secure aggregation).
         return payload, {keys.NUM_EXAMPLES: 1.0}
+    assert arrival is not None
     metrics = {  # keys.TRAIN_REPLY declares these
         **privacy_metrics,
         keys.NUM_EXAMPLES: float(len(data.train)),

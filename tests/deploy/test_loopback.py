@@ -49,6 +49,8 @@ def test_tls_federation_with_node_auth(tmp_path: Path, federation: Federation) -
         assert r["compression_ratio_up"] > 2.0  # topk:0.1+q8 on the uplink
         assert 0.0 <= r["accuracy"] <= 1.0  # data.test-source on the server
         assert "eval-accuracy" in r["federated_evaluation"]
+        # each device also judged the global it received on its own validation rows
+        assert r["arrival_evaluation"]["clients"] == 2, r["arrival_evaluation"]
     assert results["final"]["rounds_completed"] == 2
     assert results["final"]["local_only_accuracy"] is None  # no client data on the server
     assert (out / "state" / "server.npz").is_file()
