@@ -21,9 +21,12 @@ bench.png into --out.
 --preset agnews: train/test from ../shared/data/agnews (relative to the repository root or
 the working directory), 3,000 train rows, 2,000 test rows for the per-round curve, final
 accuracy on all 7,600 test rows, teacher offline:all-minilm-l6-v2, derived 2-layer student
-with frozen embeddings, max-length 64, 10 clients Dirichlet 0.5, 5 per round; the compressed
-scenarios (feddistill and its variants) also freeze the student's feed-forward blocks, so only
-attention, norms, pooler and head are trained and sent (--compressed-freeze).
+with frozen embeddings, max-length 64, 10 clients Dirichlet 0.5, 5 per round. Every scenario's
+derived student keeps its feed-forward blocks frozen (the project default,
+model.freeze-feed-forward; --set model.freeze-feed-forward=false to train them), so only
+attention, norms, pooler and head are trained and sent; the preset also names them in
+--compressed-freeze, which keeps them frozen in the compressed scenarios when that default is
+turned off.
 
 --quick (smoke run, about 5-10 minutes on 2 CPU cores): the agnews files when found (else
 the embedded corpus), 600 train rows, 400 eval rows, final accuracy on 1,000 test rows,
