@@ -424,6 +424,12 @@ class CompressionConfig:
             except ValueError as err:
                 raise ConfigError(f"invalid config {key} = {text!r}: {err}") from None
         down = specs["downlink"]
+        if down.select == "pattern":
+            raise ConfigError(
+                f"invalid config compression.downlink = {self.downlink!r}: `pattern` shares "
+                "the clients' coordinates of a round, for the uplink; the broadcast has one "
+                "sender, so send what changed most (e.g. 'topk:0.05+q4')"
+            )
         if down.error_feedback:
             plain = dataclasses.replace(down, error_feedback=False)
             if self.downlink_protocol != "chain":

@@ -293,6 +293,8 @@ def test_payload_longer_than_the_schema_allows_is_refused_before_decoding() -> N
             "gtopk:0.1+block:3",
             "thresh:0.5+q4",
             "topk:0.1+fp16+dense:40",
+            "pattern:0.1+q4+ef",
+            "pattern:0.3+block:4+q4",
         ]
     ),
     shapes=st.lists(
@@ -310,8 +312,10 @@ def test_max_encoded_bytes_bounds_every_payload(spec, shapes, scale, ties, seed)
         for i, s in enumerate(shapes)
     }
     schema = [(n, a.shape) for n, a in update.items()]
-    payload = encode(update, parse_spec(spec), seed=seed).payload
-    assert payload.shape[0] <= max_encoded_bytes(schema, parse_spec(spec))
+    parsed = parse_spec(spec)
+    pattern = seed if parsed.select == "pattern" else None
+    payload = encode(update, parsed, seed=seed, pattern_seed=pattern).payload
+    assert payload.shape[0] <= max_encoded_bytes(schema, parsed)
 
 
 def test_max_encoded_bytes_is_tight_for_dense_float32() -> None:

@@ -59,6 +59,22 @@ def test_every_aggregator_is_a_valid_config_at_every_fraction(
         assert cfg.server.num_malicious == 1  # 4f + 3 <= 10
 
 
+def test_robust_cells_send_the_shared_pattern_unless_every_cell_was_given_an_uplink(
+    tmp_path: Path,
+) -> None:
+    from feddistill.aggregation import SHARED_UPLINK
+
+    setting = RobustSetting(out=tmp_path)
+    for aggregator in robust.AGGREGATORS:
+        over, note = robust.cell_overrides(setting, Cell(aggregator, "sign-flip", 0.3))
+        robust_rule = aggregator not in ("fedavg", robust.DEFAULT)
+        assert (over.get("compression.uplink") == SHARED_UPLINK) == robust_rule
+        assert (SHARED_UPLINK in note) == robust_rule
+    chosen = RobustSetting(out=tmp_path, extra={"compression.uplink": "none"})
+    over, _ = robust.cell_overrides(chosen, Cell("fedmedian", NO_ATTACK, 0.0))
+    assert "compression.uplink" not in over  # the base config already holds the user's
+
+
 def test_summarize_rounds_counts_failures_and_treats_absent_clipped_as_zero() -> None:
     results = {
         "rounds": [

@@ -114,6 +114,15 @@ def test_the_downlink_protocol_is_its_own_key_and_the_old_ef_spelling_still_read
         )
 
 
+def test_a_shared_pattern_is_an_uplink_selection_only() -> None:
+    assert (
+        parse_config({"compression.uplink": "pattern:0.1+q4+ef"}).compression.uplink_spec.select
+        == "pattern"
+    )
+    with pytest.raises(ConfigError, match=r"compression.downlink = 'pattern:0.1\+q4'.*uplink"):
+        parse_config({"compression.downlink": "pattern:0.1+q4"})
+
+
 def test_a_downlink_spec_without_a_protocol_notes_that_the_meaning_changed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -468,3 +468,49 @@ def test_simulated_rounds_short_of_replies_keep_the_global(tmp_path: Path) -> No
             "median is their mean); global unchanged"
         )
         assert r["accuracy"] == results["initial"]["accuracy"]
+
+
+# -- robust rules need shared coordinates -------------------------------------------------------
+def test_a_robust_rule_over_own_coordinates_warns_and_names_the_shared_uplink(caplog) -> None:
+    initial = _arrays(np.random.default_rng(0))
+    with caplog.at_level(logging.WARNING, logger="feddistill.server"):
+        cfg = _cfg("fedmedian", 5, **{"compression.uplink": "topk:0.01+q4+ef"})
+        build_strategy(cfg, 5, SCHEMA, initial)
+    (warning,) = [r.getMessage() for r in caplog.records if "own coordinates" in r.getMessage()]
+    assert "compression.uplink = 'pattern:0.1+block:16+q4+ef'" in warning
+    caplog.clear()
+    for strategy, uplink in [("fedmedian", "pattern:0.1+q4+ef"), ("fedavg", "topk:0.01+q4+ef")]:
+        with caplog.at_level(logging.WARNING, logger="feddistill.server"):
+            build_strategy(_cfg(strategy, 5, **{"compression.uplink": uplink}), 5, SCHEMA, initial)
+    assert not [r for r in caplog.records if "own coordinates" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("uplink", "moved_at_least"), [("topk:0.05", 0.0), ("pattern:0.05", 0.04)])
+def test_the_median_moves_the_model_only_on_shared_coordinates(uplink, moved_at_least) -> None:
+    """Why the shared pattern: FedMedian over top-k updates (each client its own 5%) leaves
+    almost every coordinate where it was; over the round's pattern it moves each of them."""
+    from feddistill.codec import round_pattern_seed
+
+    schema = [("w", (200, 50))]
+    rng = np.random.default_rng(3)
+    initial = {"w": np.zeros((200, 50), dtype=np.float32)}
+    cfg = _cfg("fedmedian", 5, **{"compression.uplink": uplink})
+    strategy = build_strategy(cfg, 5, schema, initial)
+    strategy._receive_global(ArrayRecord({"w": Array(initial["w"])}))
+    spec = cfg.compression.uplink_spec
+    seed = round_pattern_seed(cfg.seed, 1) if spec.select == "pattern" else None
+
+    def reply(node: int) -> Message:
+        delta = {"w": rng.standard_normal((200, 50)).astype(np.float32) + 1.0}
+        return _reply(node, payload_record(encode(delta, spec, pattern_seed=seed).payload), 10)
+
+    replies = [reply(node) for node in range(1, 6)]
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None
+    moved = float(np.mean(arrays["w"].numpy() != 0))
+    if moved_at_least:
+        assert moved >= moved_at_least  # the pattern's 5%, every coordinate of it
+    else:
+        assert moved < 0.005  # a coordinate moves only where 3 of 5 clients chose it

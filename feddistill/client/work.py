@@ -29,6 +29,7 @@ from feddistill.codec import (
     decode,
     encode,
     residual_after,
+    round_pattern_seed,
     with_residual,
 )
 from feddistill.codec.chain import DIGEST_CHECK, apply_chain, unpack_chain
@@ -303,7 +304,8 @@ def private_update(
         clip = inp.clip_norm if inp.clip_norm > 0 else cfg.privacy.clip
         update, norm = clip_to_norm(update, clip)
         extra[NORM_BIT] = float(norm > clip)
-    encoded = encode(update, spec, seed=seed)
+    pattern = round_pattern_seed(cfg.seed, inp.server_round) if spec.select == "pattern" else None
+    encoded = encode(update, spec, seed=seed, pattern_seed=pattern)
     if spec.error_feedback:
         state.save_residual(
             residual_after(update, encoded.decoded), inp.server_round, run=inp.run_id

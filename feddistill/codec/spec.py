@@ -6,12 +6,13 @@ it is parsed once, strictly, into a frozen dataclass; everything downstream trus
 Grammar: ``"none"`` or tokens joined by ``+`` (order free, each at most once)::
 
     none | topk:F | gtopk:F | thresh:E      selection (keep all / per-tensor top-k / global top-k /
-                                            keep |w| >= E); at most one
+    | pattern:F                             keep |w| >= E / a random F of each tensor, the same on
+                                            every client of a round); at most one
     fp32 | fp16 | q8 | q4 | q2 | q1         value coding; at most one
     sr                                      stochastic (unbiased) rounding, needs q8/q4/q2/q1
     chunk:N                                 values per quantization scale (default 256)
     block:N                                 select runs of N elements, not single ones
-                                            (needs topk/gtopk; default 1)
+                                            (needs topk/gtopk/pattern; default 1)
     dense:N                                 tensors with < N elements go unpruned (default 0)
     ef                                      error feedback (recorded; applied by the caller)
 
@@ -23,13 +24,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SELECTIONS: tuple[str, ...] = ("none", "topk", "gtopk", "thresh")
+SELECTIONS: tuple[str, ...] = ("none", "topk", "gtopk", "thresh", "pattern")
+# The selections that keep a fraction ``keep`` of each tensor (or of all of them, gtopk).
+FRACTION_SELECTIONS: tuple[str, ...] = ("topk", "gtopk", "pattern")
 BIT_WIDTHS: tuple[int, ...] = (32, 16, 8, 4, 2, 1)
 QUANTIZED_BITS: tuple[int, ...] = (8, 4, 2, 1)
 
 _BITS_TOKENS: dict[str, int] = {"fp32": 32, "fp16": 16, "q8": 8, "q4": 4, "q2": 2, "q1": 1}
 _TOKEN_HELP = (
-    "none, topk:F, gtopk:F, thresh:E, fp32, fp16, q8, q4, q2, q1, sr, chunk:N, block:N, dense:N, ef"
+    "none, topk:F, gtopk:F, thresh:E, pattern:F, fp32, fp16, q8, q4, q2, q1, sr, chunk:N, "
+    "block:N, dense:N, ef"
 )
 MAX_BLOCK = 65535  # a u16 in the payload header
 MAX_DENSE_BELOW = 2**32 - 1  # a u32 in the payload header
@@ -44,8 +48,12 @@ class CompressionSpec:
             magnitudes of each tensor; "gtopk" keeps the `keep` fraction of largest magnitudes
             across all non-dense tensors together (Deep Gradient Compression, Lin et al. 2018,
             arXiv:1712.01887, uses one threshold per layer; the global variant lets layers that
-            changed more keep more); "thresh" keeps |w| >= `eps`.
-        keep: kept fraction in (0, 1] for topk/gtopk; must stay 1.0 otherwise.
+            changed more keep more); "thresh" keeps |w| >= `eps`; "pattern" keeps a random
+            `keep` fraction of each tensor's units drawn from the ``pattern_seed`` given to
+            `encode`, so every client of a round sends the same coordinates (what a
+            coordinate-wise robust rule needs: the median of 1%-sparse top-k updates on
+            different coordinates is zero almost everywhere; docs/robustness-bench.md).
+        keep: kept fraction in (0, 1] for topk/gtopk/pattern; must stay 1.0 otherwise.
         eps: magnitude threshold >= 0 for thresh; must stay 0.0 otherwise.
         bits: 32 = float32, 16 = float16, 8/4 = symmetric signed integers with one absmax scale
             per `chunk` kept values, 2 = ternary {-1, 0, +1}·scale, 1 = sign·scale.
@@ -82,9 +90,10 @@ class CompressionSpec:
             raise ValueError(
                 f"CompressionSpec.keep={self.keep!r} is not allowed; use 0 < keep <= 1"
             )
-        if self.select not in ("topk", "gtopk") and keep != 1.0:
+        if self.select not in FRACTION_SELECTIONS and keep != 1.0:
             raise ValueError(
-                f"CompressionSpec.keep={self.keep!r} is only used by select 'topk'/'gtopk' "
+                f"CompressionSpec.keep={self.keep!r} is only used by select 'topk'/'gtopk'/"
+                "'pattern' "
                 f"(select is {self.select!r}); leave keep at 1.0"
             )
         eps = _as_float("eps", self.eps)
@@ -118,9 +127,10 @@ class CompressionSpec:
             )
         _check_int("dense_below", self.dense_below, 0, MAX_DENSE_BELOW)
         _check_int("block", self.block, 1, MAX_BLOCK)
-        if self.block > 1 and self.select not in ("topk", "gtopk"):
+        if self.block > 1 and self.select not in FRACTION_SELECTIONS:
             raise ValueError(
-                f"CompressionSpec.block={self.block} is only used by select 'topk'/'gtopk' "
+                f"CompressionSpec.block={self.block} is only used by select 'topk'/'gtopk'/"
+                "'pattern' "
                 f"(select is {self.select!r}); leave block at 1"
             )
         # Normalise ints to floats so `CompressionSpec(keep=1)` equals its parsed text form.
@@ -130,7 +140,7 @@ class CompressionSpec:
     def to_string(self) -> str:
         """Canonical text form; `parse_spec(spec.to_string()) == spec` for every valid spec."""
         tokens: list[str] = []
-        if self.select in ("topk", "gtopk"):
+        if self.select in FRACTION_SELECTIONS:
             tokens.append(f"{self.select}:{_format_float(self.keep)}")
         elif self.select == "thresh":
             tokens.append(f"thresh:{_format_float(self.eps)}")
@@ -204,7 +214,7 @@ def parse_spec(text: str) -> CompressionSpec:
         if name == "none" and not sep:
             claim("selection", token)
             fields["select"] = "none"
-        elif name in ("topk", "gtopk", "thresh") and sep:
+        elif name in ("topk", "gtopk", "thresh", "pattern") and sep:
             claim("selection", token)
             value = _parse_number(token, arg, text)
             fields["select"] = name

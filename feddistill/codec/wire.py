@@ -185,7 +185,13 @@ def _flat_float32(name: str, array: np.ndarray) -> np.ndarray:
     return flat
 
 
-def encode(update: Mapping[str, np.ndarray], spec: CompressionSpec, *, seed: int = 0) -> Encoded:
+def encode(
+    update: Mapping[str, np.ndarray],
+    spec: CompressionSpec,
+    *,
+    seed: int = 0,
+    pattern_seed: int | None = None,
+) -> Encoded:
     """Prune and quantize `update` per `spec` into one uint8 payload (layout in module doc).
 
     Args:
@@ -194,13 +200,21 @@ def encode(update: Mapping[str, np.ndarray], spec: CompressionSpec, *, seed: int
             `with_residual` before and `residual_after` after.
         seed: seeds `np.random.default_rng` for stochastic rounding and threshold sampling;
             the same inputs and seed give the same payload.
+        pattern_seed: for select "pattern" (required there, refused elsewhere): the public
+            seed of the round's coordinates (`round_pattern_seed`), the same on every client.
+            The positions still travel in the payload, so the decoder needs no seed.
 
     Raises:
-        ValueError: for a non-float or non-finite tensor, or a spec that is not a
-            `CompressionSpec`.
+        ValueError: for a non-float or non-finite tensor, a spec that is not a
+            `CompressionSpec`, or a `pattern_seed` missing for (or given to) another selection.
     """
     if not isinstance(spec, CompressionSpec):
         raise ValueError(f"spec must be a CompressionSpec, got {type(spec).__name__}")
+    if (spec.select == "pattern") != (pattern_seed is not None):
+        raise ValueError(
+            f"encode: select {spec.select!r} with pattern_seed={pattern_seed!r}; a pattern_seed "
+            "is needed by select 'pattern' and only by it"
+        )
     rng = np.random.default_rng(seed)
     names = list(update)
     shapes = {name: tuple(int(d) for d in np.shape(update[name])) for name in names}
@@ -209,7 +223,7 @@ def encode(update: Mapping[str, np.ndarray], spec: CompressionSpec, *, seed: int
     sparse = [name for name in names if flats[name].shape[0] >= spec.dense_below]
     # The concatenations are copies, so nothing below aliases the caller's arrays.
     dense_part = _encode_dense(_concat([flats[name] for name in dense]), spec, rng)
-    sparse_part = _encode_sparse([flats[name] for name in sparse], spec, rng)
+    sparse_part = _encode_sparse([flats[name] for name in sparse], spec, rng, pattern_seed)
 
     body = [*dense_part.pieces, *sparse_part.pieces]
     total = HEADER_BYTES + sum(p.shape[0] for p in body)
@@ -277,12 +291,19 @@ def _encode_dense(flat: np.ndarray, spec: CompressionSpec, rng: np.random.Genera
 
 
 def _encode_sparse(
-    flats: Sequence[np.ndarray], spec: CompressionSpec, rng: np.random.Generator
+    flats: Sequence[np.ndarray],
+    spec: CompressionSpec,
+    rng: np.random.Generator,
+    pattern_seed: int | None = None,
 ) -> _Section:
     """Select units over the concatenation of `flats`, code their positions and values."""
     flat = _concat(flats)
     numels = [f.shape[0] for f in flats]
-    units = _select_units(flats, flat, spec, rng)
+    if spec.select == "pattern":
+        assert pattern_seed is not None  # encode checks
+        units = pattern_units(numels, spec.block, spec.keep, pattern_seed)
+    else:
+        units = _select_units(flats, flat, spec, rng)
     n_units = unit_count(numels, spec.block)
     selector = _element_selector(units, n_units, numels, spec.block)
     kept = flat if selector is None else flat[selector]
@@ -367,6 +388,37 @@ def _select_units(
             for s, part, offset in zip(scores, parts, offsets, strict=False)
         ]
     )
+
+
+def round_pattern_seed(run_seed: int, server_round: int) -> int:
+    """The public seed of round ``server_round``'s pattern: every client of a run derives the
+    same one from the run's ``seed`` (a new pattern each round, so every coordinate is sent
+    about once in ``1 / keep`` rounds and error feedback carries it until then)."""
+    digest = hashlib.sha256(f"feddistill-pattern/{run_seed}/{server_round}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def pattern_units(
+    numels: Sequence[int], block: int, keep: float, pattern_seed: int
+) -> np.ndarray | None:
+    """Sorted unit indices over the concatenation of tensors of ``numels`` elements: a random
+    ``kept_count(units, keep)`` of each tensor's units, drawn from ``pattern_seed`` and the
+    tensor's place alone (never from the values), so every client draws the same ones."""
+    parts, offset = [], 0
+    for t, n in enumerate(numels):
+        units = -(-n // block)
+        k = kept_count(units, keep)
+        if k >= units:
+            parts.append(np.arange(units, dtype=np.int64) + offset)
+        elif k:
+            rng = np.random.default_rng([pattern_seed, t])
+            parts.append(
+                np.sort(rng.choice(units, size=k, replace=False)).astype(np.int64) + offset
+            )
+        offset += units
+    if not parts or sum(p.shape[0] for p in parts) == offset:
+        return None
+    return np.concatenate(parts)
 
 
 def _element_selector(
@@ -588,7 +640,7 @@ def max_encoded_bytes(schema: Schema, spec: CompressionSpec) -> int:
 
     * kept units: every unit for ``none`` and ``thresh``; ``max(1, round(keep · units))`` per
       tensor for ``topk`` and over the section for ``gtopk`` (`kept_count`), each unit at most
-      ``block`` elements and never more than the tensor holds;
+      ``block`` elements and never more than the tensor holds; ``pattern`` as ``topk``;
     * positions: at most the bitmap, ``ceil(units / 8)`` bytes (the encoder writes the smaller
       of bitmap and Rice; ALL and EMPTY cost nothing);
     * values: 4 bytes each for float codes (float16 turns into float32 for values beyond its
@@ -598,7 +650,7 @@ def max_encoded_bytes(schema: Schema, spec: CompressionSpec) -> int:
     dense = [numel for _, _, numel in entries if numel < spec.dense_below]
     sparse = [numel for _, _, numel in entries if numel >= spec.dense_below]
     n_units = unit_count(sparse, spec.block)
-    if spec.select == "topk":
+    if spec.select in ("topk", "pattern"):
         kept = sum(min(n, kept_count(-(-n // spec.block), spec.keep) * spec.block) for n in sparse)
     elif spec.select == "gtopk":
         kept = min(sum(sparse), kept_count(n_units, spec.keep) * spec.block)

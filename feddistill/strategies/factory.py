@@ -11,7 +11,7 @@ import flwr.serverapp.strategy as flower_strategies
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 
-from feddistill.aggregation import STRATEGIES, requirement
+from feddistill.aggregation import SHARED_UPLINK, STRATEGIES, requirement
 from feddistill.config import Config, ConfigError
 from feddistill.secagg.quantize import SecAggError
 from feddistill.strategies.admission import AdmissionPolicy
@@ -65,6 +65,7 @@ def build_strategy(
     req = requirement(cfg.server)
     if req is not None:
         _log_tolerance(cfg, num_nodes, req.needed, req.rule)
+        _warn_unshared_coordinates(cfg)
         inner = ReplyFloor(inner, req)
     strategy = CompressedStrategy(
         inner,
@@ -124,6 +125,31 @@ def secure_aggregation(
     except SecAggError as err:
         raise ConfigError(f"invalid config secure.bits = {cfg.secure.bits}: {err}") from None
     return secure
+
+
+def _warn_unshared_coordinates(cfg: Config) -> None:
+    """A robust rule over updates that each keep their own coordinates degenerates.
+
+    With ``topk:0.01`` every client sends the 1% it changed most, mostly not the 1% of the
+    others: a coordinate-wise median or trimmed mean of 10 such updates is zero almost
+    everywhere, and Krum's distances are their norms. Measured on the embedded corpus: every
+    robust rule stays at chance where FedAvg learns (docs/robustness-bench.md). A warning, not
+    an error: a dense enough top-k (or a federation whose updates agree) may still work.
+    """
+    spec = cfg.compression.uplink_spec
+    own = spec.select == "thresh" or (spec.select in ("topk", "gtopk") and spec.keep < 0.5)
+    if not own:
+        return
+    log.warning(
+        "server.strategy = %r aggregates each coordinate (or each update) across the replies, "
+        "but compression.uplink = %r lets each client send its own coordinates, so most "
+        "coordinates come from one client only and the rule moves the model hardly at all "
+        "(measured: chance accuracy on the embedded corpus); send shared coordinates with "
+        "compression.uplink = %r (docs/robustness-bench.md)",
+        cfg.server.strategy,
+        cfg.compression.uplink,
+        SHARED_UPLINK,
+    )
 
 
 def _log_tolerance(cfg: Config, num_nodes: int, needed: int, rule: str) -> None:
