@@ -267,7 +267,9 @@ class ServerConfig:
     (Reddi et al. 2021); ``proximal_mu`` FedProx; ``trim_beta`` FedTrimmedAvg (the share of
     replies cut from each end of every coordinate); ``num_malicious`` the attackers per round
     that Krum, MultiKrum and Bulyan are sized for; ``multikrum_select`` the replies MultiKrum
-    averages (0: the round's replies minus ``num_malicious``). What the robust rules need per
+    averages (0: the round's replies minus ``num_malicious``); ``robust_step`` the server step
+    the robust rules take along the move their rule makes (1: Flower's model exactly; 2 is what
+    FedAvgM's ``lr`` takes by default; docs/robustness-bench.md). What the robust rules need per
     round is in :mod:`feddistill.aggregation` and checked in :class:`Config`. ``weighting``:
     each reply counts by its ``num-examples`` (FedAvg's rule) or equally (``uniform``: under
     label skew a few large clients would otherwise pull the global model toward their classes).
@@ -319,6 +321,7 @@ class ServerConfig:
     trim_beta: float = 0.2
     num_malicious: int = 1
     multikrum_select: int = 0
+    robust_step: float = 1.0
     local_only: LocalOnly = "auto"
     local_only_epochs: int = 10
     weighting: Weighting = "examples"
@@ -354,6 +357,7 @@ class ServerConfig:
         _check_range("server.trim-beta", self.trim_beta, lo=0, hi=0.5, hi_open=True)
         _check_range("server.num-malicious", self.num_malicious, lo=0, hi=10_000)
         _check_range("server.multikrum-select", self.multikrum_select, lo=0, hi=100_000)
+        _check_range("server.robust-step", self.robust_step, lo=0, hi=10, lo_open=True)
         try:
             requirement(self)
         except RobustSettingError as err:
@@ -998,6 +1002,8 @@ DESCRIPTIONS: dict[str, str] = {
     "unchanged (no valid reply, or aggregation failed); 0 = never",
     "server.round-timeout": "seconds to wait for a round's replies",
     "server.lr": "server learning rate (FedAvgM step; 2 = twice the mean update)",
+    "server.robust-step": "server step of the robust rules along their aggregate's move "
+    "(1 = Flower's rule exactly)",
     "server.eta": "server learning rate of FedAdam/FedYogi/FedAdagrad",
     "server.tau": "adaptivity tau of FedAdam/FedYogi/FedAdagrad",
     "server.proximal-mu": "proximal term mu of FedProx",

@@ -514,3 +514,23 @@ def test_the_median_moves_the_model_only_on_shared_coordinates(uplink, moved_at_
         assert moved >= moved_at_least  # the pattern's 5%, every coordinate of it
     else:
         assert moved < 0.005  # a coordinate moves only where 3 of 5 clients chose it
+
+
+def test_the_robust_step_scales_the_rules_move_and_leaves_the_plain_strategies_alone() -> None:
+    rng = np.random.default_rng(6)
+    initial, global_w = _arrays(rng), _arrays(rng)
+    deltas = [_arrays(rng, 0.1) for _ in range(5)]
+
+    def aggregated(strategy_name: str, step: float) -> np.ndarray:
+        cfg = _cfg(strategy_name, 5, **{"server.robust-step": step})
+        strategy = _built(cfg, initial, global_w)
+        replies = [_reply(i + 1, _encoded(d), 10) for i, d in enumerate(deltas)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        return np.concatenate([arrays[n].numpy().ravel() for n, _ in SCHEMA])
+
+    g = np.concatenate([global_w[n].ravel() for n, _ in SCHEMA])
+    median_move = aggregated("fedmedian", 1.0) - g
+    np.testing.assert_allclose(aggregated("fedmedian", 2.0) - g, 2 * median_move, rtol=1e-5)
+    # FedAvg has no robust step (FedAvgM's own server.lr is its step)
+    np.testing.assert_array_equal(aggregated("fedavg", 2.0), aggregated("fedavg", 1.0))

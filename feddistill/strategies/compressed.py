@@ -166,8 +166,13 @@ class CompressedStrategy(Strategy):
         known_examples: Callable[[int], tuple[int, int] | None] | None = None,
         privacy: CentralPrivacy | None = None,
         secure: SecureAggregation | None = None,
+        step: float = 1.0,
     ) -> None:
         self.inner = inner
+        # The server step along the inner strategy's move (1: exactly the inner strategy's
+        # model); set for the robust rules from server.robust-step, which, unlike FedAvgM,
+        # take no step of their own.
+        self.step = step
         self.secure = secure  # secure aggregation: the server sees only the sum
         self.privacy = privacy  # central DP: one step per hook (feddistill.strategies.private)
         self.uniform = uniform
@@ -705,6 +710,15 @@ class CompressedStrategy(Strategy):
                 log.error("round %d: %s; global unchanged", server_round, reason)
                 self._restore_inner(before)
                 return None, None
+            if self.step != 1.0:
+                assert self._global_flat is not None
+                flat = self._global_flat + np.float32(self.step) * (flat - self._global_flat)
+                if not all_finite({FLAT: flat}):
+                    reason = f"the server step x{self.step:g} gave a non-finite model"
+                    stats.aggregation_errors.append(reason)
+                    log.error("round %d: %s; global unchanged", server_round, reason)
+                    self._restore_inner(before)
+                    return None, None
             dense = self._unflatten(flat)
             named = ArrayRecord({n: Array(dense[n]) for n in self.names})
             self._returned = (named, dense)

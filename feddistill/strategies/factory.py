@@ -92,6 +92,7 @@ def build_strategy(
         known_examples=known_examples,
         privacy=CentralPrivacy.from_config(cfg, num_nodes),
         secure=secure_aggregation(cfg, num_nodes, schema),
+        step=s.robust_step if STRATEGIES[s.strategy].robust else 1.0,
     )
     if isinstance(inner, ReplyFloor):
 
