@@ -189,3 +189,29 @@ def test_honest_client_is_bit_for_bit_unchanged_and_hostile_one_flips(tmp_path: 
     np.testing.assert_array_equal(attacked_good, honest_good)
     assert np.abs(honest_bad).sum() > 0
     np.testing.assert_array_equal(attacked_bad, -honest_bad)
+
+
+def test_a_metric_attack_skips_the_clients_own_schema_check_on_hostile_nodes_only() -> None:
+    """Before this, the honest client's own check refused the tampered record, so the
+    bench's extra-metric cell measured a client error, never the server's admission control."""
+    from feddistill import keys
+    from feddistill.client import hostile
+    from feddistill.records import metric_record
+
+    (bad,) = attacks.hostile_partitions(3, 1 / 3, seed=0)
+    good = (bad + 1) % 3
+    cfg = parse_config(
+        {"data.num-clients": 3, "attack.kind": "extra-metric", "attack.fraction": 1 / 3}
+    )
+
+    def node(pid: int) -> dict[str, object]:
+        return {"partition-id": pid, "num-partitions": 3}
+
+    assert hostile.tampers_metrics(cfg, node(bad))
+    assert not hostile.tampers_metrics(cfg, node(good))
+    assert not hostile.tampers_metrics(cfg, {})  # no partition: not a simulated node
+    flip = cfg.with_overrides({"attack.kind": "sign-flip"})
+    assert not hostile.tampers_metrics(flip, node(bad))
+    tampered = attacks.tamper_metrics({k: 1.0 for k in keys.TRAIN_REPLY.required}, "extra-metric")
+    with pytest.raises(ValueError, match="unknown"):
+        metric_record(keys.TRAIN_REPLY, tampered)  # what stopped the attack at the client

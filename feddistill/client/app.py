@@ -13,10 +13,11 @@ import logging
 import math
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from feddistill import keys
+from feddistill.client import hostile
 from feddistill.client.work import (
     ClientError,
     RoundInput,
@@ -111,12 +112,11 @@ def train(msg: Message, context: Context) -> Message:
             _save_secagg(context, inp.server_round, inp.secure.client)
     except _EXPECTED as err:
         return _error_reply(msg, err)
-    content = RecordDict(
-        {
-            keys.ARRAYS: payload_record(payload),
-            keys.METRICS: metric_record(keys.TRAIN_REPLY, metrics),
-        }
-    )
+    if hostile.tampers_metrics(inp.cfg, dict(context.node_config)):  # simulated attacks only
+        record = MetricRecord({k: float(v) for k, v in metrics.items()})
+    else:
+        record = metric_record(keys.TRAIN_REPLY, metrics)
+    content = RecordDict({keys.ARRAYS: payload_record(payload), keys.METRICS: record})
     return Message(content=content, reply_to=msg)
 
 

@@ -91,3 +91,12 @@ def reply(
     if a.kind == "inflate-examples":
         return payload, attacks.inflate_examples(metrics, a.inflate)
     return payload, metrics
+
+
+def tampers_metrics(cfg: Config, node_config: dict[str, Any]) -> bool:
+    """This node sends a metric record off the declared schema (``extra-metric``,
+    ``missing-metric``): its reply must skip the honest client's own schema check, which a
+    real attacker would not run, or the attack would stop at the client and never reach the
+    server's admission control it is there to test."""
+    kinds = ("extra-metric", "missing-metric")
+    return cfg.attack.kind in kinds and is_hostile(cfg, node_config)
