@@ -89,7 +89,7 @@ STRATEGIES: Mapping[str, StrategyChoice] = MappingProxyType(
 # The uplink a robust rule needs: every client of a round sends the same random tenth of each
 # tensor (in runs of 16, so its positions cost 0.3 bits a value), where top-k sends each client's
 # own 1% and a coordinate-wise median of those is zero almost everywhere
-# (docs/robustness-bench.md, "Robust rules over compressed updates").
+# (measured: docs/robustness-bench.md, "2026-12-07").
 SHARED_UPLINK = "pattern:0.1+block:16+q4+ef"
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from feddistill.aggregation import SHARED_UPLINK, STRATEGIES, StrategyChoice
+from feddistill.aggregation import SHARED_UPLINK, STRATEGIES
 from feddistill.bench.run import _drop_residuals, base_config, prepare_data
 from feddistill.bench.spec import BenchSetting
 from feddistill.config import Config, ConfigError
@@ -230,8 +230,8 @@ def cell_overrides(setting: RobustSetting, cell: Cell) -> tuple[dict[str, Any], 
     (``SHARED_UPLINK``) unless ``--set compression.uplink`` chose an uplink for every cell:
     over top-k updates on each client's own coordinates it does not learn (measured: chance)."""
     over, note = aggregator_overrides(cell.aggregator, cell.fraction, setting.clients_per_round)
-    choice = STRATEGIES.get(cell.aggregator, StrategyChoice("FedAvgM"))  # DEFAULT: fedavgm
-    if choice.robust and "compression.uplink" not in setting.extra:
+    robust = cell.aggregator in STRATEGIES and STRATEGIES[cell.aggregator].robust  # not DEFAULT
+    if robust and "compression.uplink" not in setting.extra:
         over["compression.uplink"] = SHARED_UPLINK
         note = f"{note}; uplink {SHARED_UPLINK}" if note else f"uplink {SHARED_UPLINK}"
     if cell.attack != NO_ATTACK:

@@ -299,11 +299,7 @@ def _encode_sparse(
     """Select units over the concatenation of `flats`, code their positions and values."""
     flat = _concat(flats)
     numels = [f.shape[0] for f in flats]
-    if spec.select == "pattern":
-        assert pattern_seed is not None  # encode checks
-        units = pattern_units(numels, spec.block, spec.keep, pattern_seed)
-    else:
-        units = _select_units(flats, flat, spec, rng)
+    units = _select_units(flats, flat, spec, rng, pattern_seed)
     n_units = unit_count(numels, spec.block)
     selector = _element_selector(units, n_units, numels, spec.block)
     kept = flat if selector is None else flat[selector]
@@ -367,10 +363,14 @@ def _select_units(
     concatenated: np.ndarray,
     spec: CompressionSpec,
     rng: np.random.Generator,
+    pattern_seed: int | None = None,
 ) -> np.ndarray | None:
     """Sorted indices of the kept units over the concatenation (None = every unit)."""
     if spec.select == "none":
         return None
+    if spec.select == "pattern":
+        assert pattern_seed is not None  # encode checks
+        return pattern_units([f.shape[0] for f in flats], spec.block, spec.keep, pattern_seed)
     if spec.select == "thresh":
         return threshold_indices(concatenated, spec.eps)
     scores = list(flats) if spec.block == 1 else [_unit_scores(f, spec.block) for f in flats]

@@ -698,10 +698,14 @@ class CompressedStrategy(Strategy):
         named = None
         if arrays is not None:
             flat = arrays[FLAT].numpy() if list(arrays.keys()) == [FLAT] else None
+            if flat is not None and self.step != 1.0:
+                assert self._global_flat is not None
+                flat = self._global_flat + np.float32(self.step) * (flat - self._global_flat)
             if flat is None or not all_finite({FLAT: flat}):
                 inner = type(self.inner).__name__
+                stepped = f" (after the server step x{self.step:g})" if self.step != 1.0 else ""
                 reason = (
-                    f"train aggregation in {inner} gave a non-finite model"
+                    f"train aggregation in {inner} gave a non-finite model{stepped}"
                     if flat is not None
                     else f"train aggregation in {inner} returned arrays {list(arrays.keys())}, "
                     f"not the one {FLAT!r} it was given"
@@ -710,15 +714,6 @@ class CompressedStrategy(Strategy):
                 log.error("round %d: %s; global unchanged", server_round, reason)
                 self._restore_inner(before)
                 return None, None
-            if self.step != 1.0:
-                assert self._global_flat is not None
-                flat = self._global_flat + np.float32(self.step) * (flat - self._global_flat)
-                if not all_finite({FLAT: flat}):
-                    reason = f"the server step x{self.step:g} gave a non-finite model"
-                    stats.aggregation_errors.append(reason)
-                    log.error("round %d: %s; global unchanged", server_round, reason)
-                    self._restore_inner(before)
-                    return None, None
             dense = self._unflatten(flat)
             named = ArrayRecord({n: Array(dense[n]) for n in self.names})
             self._returned = (named, dense)
