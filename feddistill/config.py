@@ -862,7 +862,10 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    if choices(typ) is not None:
+    allowed = choices(typ)
+    if allowed is not None:
+        if not isinstance(value, str):  # `--set server.local-only=false` arrives as a bool
+            _check_choice(key, value, allowed)
         typ = str  # which string is checked by the section (_check_literals)
     # bool is an int subclass: refuse `rounds = true` and `distill.mutual = 1` alike.
     ok = isinstance(value, _SCALARS[typ]) and (typ is bool or not isinstance(value, bool))
@@ -1090,7 +1093,10 @@ def _allowed(key: str, typ: type) -> str:
                 return ", ".join(f"`{c.strip(chr(39))}`" for c in text[7:].split(", "))
             return text.removeprefix("a number in ")
         if "allowed tokens: " in text:
-            return "`+`-joined tokens: " + text.split("allowed tokens: ", 1)[1]
+            tokens = text.split("allowed tokens: ", 1)[1].split(", ")
+            if key == "compression.downlink":  # CompressionConfig refuses the shared pattern there
+                tokens = [t for t in tokens if not t.startswith("pattern:")]
+            return "`+`-joined tokens: " + ", ".join(tokens)
         return text
     return "any string"
 

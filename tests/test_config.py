@@ -48,6 +48,7 @@ def test_int_accepted_for_float_keys() -> None:
         ({"compression.uplink": "topk:2"}, r"compression.uplink = 'topk:2'"),
         ({"compression.uplink": "zip"}, r"compression.uplink = 'zip'"),
         ({"train.precision": "fp8"}, r"train.precision = 'fp8'"),
+        ({"server.local-only": False}, r"server.local-only = False: expected one of 'auto', 'on'"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(flat: dict, match: str) -> None:
