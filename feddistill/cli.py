@@ -7,6 +7,7 @@ same keys ``flwr run . --run-config`` takes), and ``--set KEY=VALUE`` reaches an
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -217,7 +218,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``command`` (the subcommand about to run), only that optional
+    command's module is imported (:data:`OPTIONAL_COMMANDS`)."""
     parser = argparse.ArgumentParser(
         prog="feddistill",
         description="Federated knowledge distillation on Flower: every client fine-tunes a local "
@@ -302,28 +305,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cfg.set_defaults(func=cmd_config)
 
-    _add_optional_commands(sub)
+    _add_optional_commands(sub, command)
     return parser
 
 
-def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
-    from feddistill import export
+# The commands whose modules import the heavy parts (onnx, the benches' data readers, models and
+# plots: ~5 s on 2 cores): name -> (module, its add-arguments function, its command function,
+# help). Each module is imported only when its command runs, so `feddistill --help` and
+# `feddistill simulate` do not pay for the others.
+OPTIONAL_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "export": (
+        "feddistill.export",
+        "add_export_arguments",
+        "run_export",
+        "export a student for CPU inference (int8 dynamic)",
+    ),
+    "predict": (
+        "feddistill.export",
+        "add_predict_arguments",
+        "run_predict",
+        "classify text with an exported or saved student",
+    ),
+    "bench-serve": (
+        "feddistill.bench.serving",
+        "add_arguments",
+        "run_command",
+        "serving benchmark: size and CPU latency of float32 / int8 PyTorch and ONNX",
+    ),
+    "bench-scale": (
+        "feddistill.bench.scale",
+        "add_arguments",
+        "run_command",
+        "simulation scale benchmark: memory and s/round against total clients",
+    ),
+    "bench-privacy": (
+        "feddistill.bench.privacy",
+        "add_arguments",
+        "run_command",
+        "privacy benchmark: final accuracy vs epsilon, compressed and dense",
+    ),
+    "bench": (
+        "feddistill.bench.cli",
+        "add_arguments",
+        "run_command",
+        "benchmark: accuracy vs bytes, centralized / local-only / federated",
+    ),
+    "bench-robust": (
+        "feddistill.bench.robust",
+        "add_arguments",
+        "run_command",
+        "robustness benchmark: aggregator x attack x hostile fraction",
+    ),
+}
+_DESCRIPTIONS = {
+    "bench-scale": "For each total client count, run `feddistill simulate` (10 clients per "
+    "round, tiny model) in a subprocess and measure the peak RSS of its whole process tree "
+    "(Ray included) and seconds per round after the first, then the same clients' work in "
+    "a plain loop for the overhead ratio.",
+}
 
-    exp = sub.add_parser("export", help="export a student for CPU inference (int8 dynamic)")
-    export.add_export_arguments(exp)
-    exp.set_defaults(func=export.run_export)
-    pred = sub.add_parser("predict", help="classify text with an exported or saved student")
-    export.add_predict_arguments(pred)
-    pred.set_defaults(func=export.run_predict)
 
-    from feddistill.bench import serving
-
-    bsv = sub.add_parser(
-        "bench-serve",
-        help="serving benchmark: size and CPU latency of float32 / int8 PyTorch and ONNX",
-    )
-    serving.add_arguments(bsv)
-    bsv.set_defaults(func=serving.run_command)
+def _add_optional_commands(sub: argparse._SubParsersAction, command: str | None) -> None:
+    """Every optional command is listed; only ``command``'s (all of them for None) gets its
+    arguments, which imports its module."""
+    for name, (module, add, run, help_text) in OPTIONAL_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=_DESCRIPTIONS.get(name))
+        if command is None or command == name:
+            loaded = importlib.import_module(module)
+            getattr(loaded, add)(p)
+            p.set_defaults(func=getattr(loaded, run))
 
     bc = sub.add_parser("bench-codec", help="codec benchmark: size and speed on a big update")
     bc.add_argument("--numel", type=int, default=10_000_000, help="elements (default 10M)")
@@ -337,43 +387,6 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--json", action="store_true", help="print one JSON list")
     bc.set_defaults(func=cmd_bench_codec)
 
-    bs = sub.add_parser(
-        "bench-scale",
-        help="simulation scale benchmark: memory and s/round against total clients",
-        description="For each total client count, run `feddistill simulate` (10 clients per "
-        "round, tiny model) in a subprocess and measure the peak RSS of its whole process tree "
-        "(Ray included) and seconds per round after the first, then the same clients' work in "
-        "a plain loop for the overhead ratio.",
-    )
-    from feddistill.bench import scale
-
-    scale.add_arguments(bs)
-    bs.set_defaults(func=scale.run_command)
-
-    from feddistill.bench import privacy as privacy_bench
-
-    bp = sub.add_parser(
-        "bench-privacy", help="privacy benchmark: final accuracy vs epsilon, compressed and dense"
-    )
-    privacy_bench.add_arguments(bp)
-    bp.set_defaults(func=privacy_bench.run_command)
-
-    from feddistill.bench import cli as bench_cli
-
-    bench = sub.add_parser(
-        "bench", help="benchmark: accuracy vs bytes, centralized / local-only / federated"
-    )
-    bench_cli.add_arguments(bench)
-    bench.set_defaults(func=bench_cli.run_command)
-
-    from feddistill.bench import robust
-
-    br = sub.add_parser(
-        "bench-robust", help="robustness benchmark: aggregator x attack x hostile fraction"
-    )
-    robust.add_arguments(br)
-    br.set_defaults(func=robust.run_command)
-
 
 def cmd_bench_codec(args: argparse.Namespace) -> int:
     from feddistill.bench.codec import format_codec_table, run_codec_bench
@@ -384,7 +397,11 @@ def cmd_bench_codec(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The subcommand is the first word that is not an option (the top level has no option
+    # that takes a value); "" when there is none, so no optional module is imported.
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
