@@ -34,6 +34,7 @@ from feddistill.bench.spec import (
 )
 from feddistill.bench.wirecost import dense_exchange_bytes, trainable_arrays
 from feddistill.config import Config, parse_config
+from feddistill.models.build import FEED_FORWARD
 from feddistill.report import accuracy_curve, evaluation_bytes, round_bytes_per_client
 from feddistill.run_inputs import TextSplit
 
@@ -402,11 +403,15 @@ class Runner:
 
 def _frozen(cfg: Config) -> str:
     """What of the student beyond its embeddings is frozen: the feed-forward blocks
-    (``model.freeze-feed-forward``, derived students) and ``model.freeze``."""
-    parts = (
-        ["feed-forward"] if cfg.model.student == "derived" and cfg.model.freeze_feed_forward else []
+    (``model.freeze-feed-forward``, derived students) and ``model.freeze`` (not named twice
+    where it is the same blocks, as ``--preset agnews`` sets it)."""
+    ffn = cfg.model.student == "derived" and cfg.model.freeze_feed_forward
+    extra = (
+        cfg.model.freeze
+        if cfg.model.freeze and not (ffn and cfg.model.freeze == FEED_FORWARD)
+        else ""
     )
-    return " + ".join([*parts, *([cfg.model.freeze] if cfg.model.freeze else [])])
+    return " + ".join([*(["feed-forward"] if ffn else []), *([extra] if extra else [])])
 
 
 def _drop_residuals(cache_dir: Path) -> int:
