@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from flwr.common.config import flatten_dict
 
-from feddistill.config import Config, ConfigError, config_from_json, known_keys, parse_config
+from feddistill.config import (
+    Config,
+    ConfigError,
+    config_from_json,
+    known_keys,
+    parse_config,
+    reference,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +166,11 @@ def test_choices_are_declared_once_as_literal_types_and_checked_alike() -> None:
     hints = get_type_hints(TrainConfig)
     fields = {f.name: choices(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
     assert fields["precision"] == ("fp32", "bf16", "fp16") and fields["lr"] is None
+
+
+def test_the_reference_offers_the_shared_pattern_for_the_uplink_only() -> None:
+    rows = {row["key"]: row["allowed"] for row in reference()}
+    assert "pattern:F" in rows["compression.uplink"]
+    assert (
+        "pattern" not in rows["compression.downlink"] and "topk:F" in rows["compression.downlink"]
+    )
