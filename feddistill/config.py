@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from feddistill.aggregation import STRATEGIES, RobustSettingError, requirement, what_works
 from feddistill.codec import CompressionSpec, parse_spec
+from feddistill.codec.spec import UPLINK_ONLY_SELECTIONS
 
 
 class ConfigError(ValueError):
@@ -428,9 +429,9 @@ class CompressionConfig:
             except ValueError as err:
                 raise ConfigError(f"invalid config {key} = {text!r}: {err}") from None
         down = specs["downlink"]
-        if down.select == "pattern":
+        if down.select in UPLINK_ONLY_SELECTIONS:
             raise ConfigError(
-                f"invalid config compression.downlink = {self.downlink!r}: `pattern` shares "
+                f"invalid config compression.downlink = {self.downlink!r}: `{down.select}` shares "
                 "the clients' coordinates of a round, for the uplink; the broadcast has one "
                 "sender, so send what changed most (e.g. 'topk:0.05+q4')"
             )
@@ -1094,8 +1095,8 @@ def _allowed(key: str, typ: type) -> str:
             return text.removeprefix("a number in ")
         if "allowed tokens: " in text:
             tokens = text.split("allowed tokens: ", 1)[1].split(", ")
-            if key == "compression.downlink":  # CompressionConfig refuses the shared pattern there
-                tokens = [t for t in tokens if not t.startswith("pattern:")]
+            if key == "compression.downlink":  # CompressionConfig refuses these there
+                tokens = [t for t in tokens if t.split(":")[0] not in UPLINK_ONLY_SELECTIONS]
             return "`+`-joined tokens: " + ", ".join(tokens)
         return text
     return "any string"

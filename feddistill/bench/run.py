@@ -406,12 +406,10 @@ def _frozen(cfg: Config) -> str:
     (``model.freeze-feed-forward``, derived students) and ``model.freeze`` (not named twice
     where it is the same blocks, as ``--preset agnews`` sets it)."""
     ffn = cfg.model.student == "derived" and cfg.model.freeze_feed_forward
-    extra = (
-        cfg.model.freeze
-        if cfg.model.freeze and not (ffn and cfg.model.freeze == FEED_FORWARD)
-        else ""
-    )
-    return " + ".join([*(["feed-forward"] if ffn else []), *([extra] if extra else [])])
+    parts = ["feed-forward"] if ffn else []
+    if cfg.model.freeze and not (ffn and cfg.model.freeze == FEED_FORWARD):
+        parts.append(cfg.model.freeze)
+    return " + ".join(parts)
 
 
 def _drop_residuals(cache_dir: Path) -> int:

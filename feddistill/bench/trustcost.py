@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
         return rc
     seconds = [r["seconds"] for r in json.loads((out / "results.json").read_text())["rounds"]]
     n = len(seconds)
-    later = sorted(seconds[1:]) or seconds
+    later = sorted(seconds[1:] or seconds)
     trust = sum(totals[name] for _, name in TRUST_CALLS)
     median = later[len(later) // 2]
     print(f"\n{n} rounds; rounds 2-{n}: {sum(seconds[1:]):.1f} s, median {median:.2f} s")

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 SELECTIONS: tuple[str, ...] = ("none", "topk", "gtopk", "thresh", "pattern")
 # The selections that keep a fraction ``keep`` of each tensor (or of all of them, gtopk).
 FRACTION_SELECTIONS: tuple[str, ...] = ("topk", "gtopk", "pattern")
+# The selections only an uplink may use: a pattern shared by a round's clients has no meaning
+# for the broadcast, which has one sender (the config refuses them for the downlink).
+UPLINK_ONLY_SELECTIONS: tuple[str, ...] = ("pattern",)
 BIT_WIDTHS: tuple[int, ...] = (32, 16, 8, 4, 2, 1)
 QUANTIZED_BITS: tuple[int, ...] = (8, 4, 2, 1)
 
