@@ -72,12 +72,18 @@ def scaled(update: Mapping[str, np.ndarray], factor: float) -> Update:
 
 
 def gaussian_noise(update: Mapping[str, np.ndarray], std: float, seed: int) -> Update:
-    """``u + N(0, std^2)`` on every element, drawn in a fixed key order from ``seed``."""
+    """``u + N(0, std^2)`` on every element, drawn in a fixed key order from ``seed``.
+
+    Returned in the update's own key order: the encoder's schema follows it, and a reordered
+    update is a payload for another model, which the server refuses before the norm rule this
+    attack is there to test.
+    """
     rng = np.random.default_rng(seed)
-    return {
+    noisy = {
         k: (update[k] + rng.normal(0.0, std, size=update[k].shape)).astype(update[k].dtype)
         for k in sorted(update)
     }
+    return {k: noisy[k] for k in update}
 
 
 def zero_update(update: Mapping[str, np.ndarray]) -> Update:

@@ -82,7 +82,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Weighting = Literal["examples", "uniform"]
 LocalOnly = Literal["auto", "on", "off"]
-NormAction = Literal["reject", "clip"]
+NormAction = Literal["reject", "clip", "clip-to-median"]
 Mode = Literal["simulation", "deployment"]
 
 
@@ -299,7 +299,8 @@ class ServerConfig:
     ``num-examples`` at that multiple of the round's median claim where the server does not
     know the node's data (deployment; 0 = off); updates whose L2 norm exceeds
     ``max_update_norm_ratio`` times the round's median norm, or ``max_update_norm``, are
-    rejected or clipped (``update_norm_action``; 0 = that bound off); an update whose cosine
+    scaled down to the round's median norm, to the bound, or rejected (``update_norm_action``;
+    0 = that bound off); an update whose cosine
     with the sum of the round's other updates' directions is below ``min_update_cosine`` is
     rejected (-1 = off): a sign-flipped update has an honest norm.
 
@@ -331,7 +332,7 @@ class ServerConfig:
     max_examples_factor: float = 10.0
     max_update_norm_ratio: float = 5.0
     max_update_norm: float = 0.0
-    update_norm_action: NormAction = "reject"
+    update_norm_action: NormAction = "clip-to-median"
     min_update_cosine: float = -1.0
     max_failed_rounds: int = 3
 
@@ -1020,7 +1021,10 @@ DESCRIPTIONS: dict[str, str] = {
     "server.max-update-norm-ratio": "bound on an update's L2 norm as a multiple of the "
     "round's median norm (0 = off)",
     "server.max-update-norm": "absolute bound on an update's L2 norm (0 = off)",
-    "server.update-norm-action": "what happens to an update over a norm bound: `reject` or `clip`",
+    "server.update-norm-action": (
+        "what happens to an update over a norm bound: `clip-to-median` (scaled down to the "
+        "round's median norm), `clip` (scaled down to the bound) or `reject`"
+    ),
     "server.min-update-cosine": "an update whose cosine with the sum of the round's other "
     "updates' directions is below this is rejected (3 or more updates; -1 = off)",
     "server.local-only": "local-only baseline at the end: `auto` (simulations of <= 20 "

@@ -252,16 +252,40 @@ def test_inflated_examples_are_capped_where_sizes_are_unknown() -> None:
         np.testing.assert_allclose(got[name].numpy(), wrapper._global[name] + mixed, atol=1e-6)
 
 
-def test_inflated_examples_are_rejected_where_the_partition_size_is_known() -> None:
+def test_inflated_examples_are_capped_at_the_partition_size_where_it_is_known() -> None:
+    # Prepare: simulation, the server knows every partition's split; one node claims 1e12
     replies, deltas = _honest()
-    liar = _reply(9, encode(_honest(7)[1][0], NONE).payload, _metrics(n=1e12))
-    sizes = {node: (10, 2) for node in (*HONEST, 9)}  # simulation: every partition's split
+    rng = np.random.default_rng(7)
+    liar_delta = _arrays(rng, 0.1)
+    liar = _reply(9, encode(liar_delta, NONE).payload, _metrics(n=1e12))
+    sizes = {node: (10, 2) for node in (*HONEST, 9)}
     wrapper = _wrapper(known_examples=sizes.get)
+    # Execute
     got, _ = wrapper.aggregate_train(1, [*replies, liar])
-    reason = _failure(wrapper)
-    assert "rejected (num-examples)" in reason and "partition holds 10" in reason
-    assert not wrapper.traffic[1].capped_examples
-    _assert_mean_of(wrapper, got, deltas)
+    # Assert: kept at its partition's 10 examples, the weight of every other node
+    stats = wrapper.traffic[1]
+    assert stats.replies == 5 and not stats.failures
+    assert stats.capped_examples == [(9, 10**12, 10)]
+    _assert_mean_of(wrapper, got, [*deltas, liar_delta])
+
+
+def test_a_false_claim_does_not_set_the_median_the_others_are_capped_by() -> None:
+    # One node of known size claims 1e12, one of unknown size 1e3: the known claim is capped
+    # first, so the median that caps the unknown node is the honest 10
+    replies, _ = _honest()
+    rng = np.random.default_rng(11)
+    known_liar, unknown_liar = _arrays(rng, 0.1), _arrays(rng, 0.1)
+    sizes = {node: (10, 2) for node in (*HONEST, 8)}
+    wrapper = _wrapper(known_examples=sizes.get)
+    wrapper.aggregate_train(
+        1,
+        [
+            *replies,
+            _reply(8, encode(known_liar, NONE).payload, _metrics(n=1e12)),
+            _reply(9, encode(unknown_liar, NONE).payload, _metrics(n=1e3)),
+        ],
+    )
+    assert wrapper.traffic[1].capped_examples == [(8, 10**12, 10), (9, 1000, 100)]
 
 
 # -- rule: payload size for the schema -------------------------------------------------------------
@@ -328,7 +352,7 @@ def test_max_encoded_bytes_is_tight_for_dense_float32() -> None:
 def test_huge_finite_update_is_rejected_and_does_not_move_the_model() -> None:
     replies, deltas = _honest()
     scaled = {n: d * 1e6 for n, d in _honest(8)[1][0].items()}
-    wrapper = _wrapper()
+    wrapper = _wrapper(admission=AdmissionPolicy(norm_action="reject"))
     got, _ = wrapper.aggregate_train(
         1, [*replies, _reply(9, encode(scaled, NONE).payload, _metrics())]
     )
@@ -358,9 +382,31 @@ def test_clip_action_scales_the_update_to_the_bound_and_records_it() -> None:
         np.testing.assert_allclose(got[name].numpy(), wrapper._global[name] + mean, atol=1e-5)
 
 
+def test_clip_to_median_gives_an_over_bound_update_the_rounds_median_norm() -> None:
+    # A scaled honest update (the scale attack, or a client with a wrong learning rate) keeps
+    # its direction at the say of a typical reply, not the bound's five medians
+    replies, deltas = _honest()
+    own = _honest(8)[1][0]
+    big = {n: d * 1e6 for n, d in own.items()}
+    wrapper = _wrapper()  # the default action
+    assert wrapper.admission.norm_action == "clip-to-median"
+    got, _ = wrapper.aggregate_train(
+        1, [*replies, _reply(9, encode(big, NONE).payload, _metrics())]
+    )
+    stats = wrapper.traffic[1]
+    assert stats.replies == 5 and not stats.failures
+    ((node, norm, target),) = stats.clipped
+    median = sorted([*(update_norm(d) for d in deltas), norm])[2]  # the low median of 5
+    assert node == 9 and target == pytest.approx(median)
+    clipped = {n: big[n] * (target / norm) for n in big}
+    assert update_norm(clipped) == pytest.approx(median, rel=1e-5)
+    _assert_mean_of(wrapper, got, [*deltas, clipped])
+
+
 def test_absolute_norm_bound_applies_with_two_replies() -> None:
     replies, _ = _honest()
-    wrapper = _wrapper(admission=AdmissionPolicy(max_update_norm_ratio=0.0, max_update_norm=1e-3))
+    policy = AdmissionPolicy(max_update_norm_ratio=0.0, max_update_norm=1e-3, norm_action="reject")
+    wrapper = _wrapper(admission=policy)
     wrapper.aggregate_train(1, replies[:2])
     assert {n for n, _ in wrapper.traffic[1].failures} == {0, 1}
 
@@ -538,9 +584,9 @@ def test_pure_rules() -> None:
     with pytest.raises(AdmissionError, match="must be one number, got bool"):
         check_metrics(_metrics(**{keys.TRAIN_LOSS: True}), keys.TRAIN_REPLY)
     assert check_metrics(_metrics(x=1.0), keys.TRAIN_REPLY)[1] == ["x"]
-    assert check_num_examples(0.0, positive=False, known=None) == 0
+    assert check_num_examples(0.0, positive=False) == 0
     with pytest.raises(AdmissionError, match="num-examples"):
-        check_num_examples(0.0, positive=True, known=None)
+        check_num_examples(0.0, positive=True)
     assert examples_cap([5, 1e12, 7], 10.0) == 70
     assert examples_cap([3, 10**12], 10.0) == 30  # low median: the liar cannot set its own cap
     assert examples_cap([3], 0.0) is None

@@ -66,6 +66,23 @@ def test_gaussian_noise_is_seeded_and_has_the_stated_spread() -> None:
     assert abs(float(out["a"].mean())) < 0.01
 
 
+@pytest.mark.parametrize("kind", sorted(attacks.UPDATE_KINDS))
+def test_update_attacks_keep_the_models_key_order_so_the_payload_decodes(kind: str) -> None:
+    # Keys out of sorted order, as a model's are: the noise attack returned them sorted, so its
+    # payload carried another schema and the server refused it as a payload for another model,
+    # before the norm rule the attack is there to test
+    rng = np.random.default_rng(1)
+    u = {
+        "z": rng.normal(size=(6, 4)).astype(np.float32),
+        "a": rng.normal(size=7).astype(np.float32),
+    }
+    out = attacks.attack_update(kind, u, seed=2)
+    assert list(out) == list(u)
+    schema = [(k, v.shape) for k, v in u.items()]
+    decoded = decode(encode(out, parse_spec("none")).payload, schema)
+    assert set(decoded) == set(u)
+
+
 def test_zero_update_is_zero_with_the_same_shapes() -> None:
     u = _update()
     out = attacks.zero_update(u)

@@ -81,7 +81,7 @@ class RobustSetting:
     teacher: str = "builtin:tiny"
     num_clients: int = 20
     clients_per_round: int = 10
-    rounds: int = 18
+    rounds: int = 24
     train_rows: int = 4000
     eval_rows: int = 500
     test_rows: int = 1000

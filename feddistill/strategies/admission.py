@@ -10,14 +10,15 @@ The rules (docs/robustness.md, "Admission control"), in the order they run:
    dropped with a note.
 2. metrics (`check_metrics`): known keys only (unknown ones dropped with a note), every
    required key present, each value one finite number (no list).
-3. num-examples (`check_num_examples`): a whole number, positive for training, at most what the
-   server knows the node holds (simulation), else capped at ``server.max-examples-factor`` times
-   the round's median claim (`examples_cap`).
+3. num-examples (`check_num_examples`): a whole number, positive for training; a claim above what
+   the server knows the node holds (simulation) is capped there, and where it does not know, at
+   ``server.max-examples-factor`` times the round's median claim (`examples_cap`).
 4. payload size: at most what the encoder writes for this model and uplink spec
    (:func:`feddistill.codec.max_encoded_bytes`), checked before decoding.
 5. update norm (`update_norm`, `norm_bound`): the L2 norm of each decoded update against
    ``server.max-update-norm`` and ``server.max-update-norm-ratio`` times the round's median norm;
-   rejected or clipped per ``server.update-norm-action``.
+   scaled down (to the round's median norm, or to the bound) or rejected per
+   ``server.update-norm-action``.
 6. direction (`direction_cosines`): each update's cosine with the sum of the other updates'
    directions; below ``server.min-update-cosine`` it is rejected (a sign-flipped update has an
    honest norm, so the norm bound lets it through).
@@ -39,7 +40,7 @@ from flwr.app import RecordDict
 
 from feddistill import keys
 
-NORM_ACTIONS = ("reject", "clip")
+NORM_ACTIONS = ("reject", "clip", "clip-to-median")
 
 
 class AdmissionError(ValueError):
@@ -60,7 +61,8 @@ class AdmissionPolicy:
         max_update_norm_ratio: updates whose L2 norm exceeds this times the round's median
             update norm are rejected or clipped; 0 = off.
         max_update_norm: the same against an absolute L2 norm; 0 = off.
-        norm_action: ``reject`` (drop the reply) or ``clip`` (scale it down to the bound).
+        norm_action: ``clip-to-median`` (scale it down to the round's median norm: the say of a
+            typical reply), ``clip`` (scale it down to the bound) or ``reject`` (drop it).
         min_update_cosine: updates whose cosine with the sum of the round's other updates'
             directions is below this are rejected (from 3 updates on); -1 = off (default).
     """
@@ -68,7 +70,7 @@ class AdmissionPolicy:
     max_examples_factor: float = 10.0
     max_update_norm_ratio: float = 5.0
     max_update_norm: float = 0.0
-    norm_action: str = "reject"
+    norm_action: str = "clip-to-median"
     min_update_cosine: float = -1.0
 
     def __post_init__(self) -> None:
@@ -130,11 +132,11 @@ def check_metrics(
     return out, dropped
 
 
-def check_num_examples(value: float, *, positive: bool, known: int | None) -> int:
-    """``num-examples`` as an int: whole, >= 1 (``positive``) or >= 0, and <= ``known``.
+def check_num_examples(value: float, *, positive: bool) -> int:
+    """``num-examples`` as an int: a whole number, >= 1 (``positive``) or >= 0.
 
-    ``known``: the node's example count where the server knows it (simulation: its partition's
-    split); a larger claim is false, so the reply is refused rather than capped.
+    Whether the claim is believed is decided by the round (:func:`examples_cap`, or the node's
+    known partition size in simulation): a claim too large only loses weight.
     """
     lowest = 1 if positive else 0
     if value != math.floor(value) or value < lowest:
@@ -142,13 +144,7 @@ def check_num_examples(value: float, *, positive: bool, known: int | None) -> in
             "metrics",
             f"{keys.NUM_EXAMPLES} must be a whole number >= {lowest}, got {value!r}",
         )
-    n = int(value)
-    if known is not None and n > known:
-        raise AdmissionError(
-            "num-examples",
-            f"{keys.NUM_EXAMPLES} = {n} but this node's partition holds {known}",
-        )
-    return n
+    return int(value)
 
 
 def examples_cap(claims: Sequence[int], factor: float) -> int | None:
@@ -201,6 +197,14 @@ def update_norm(delta: Mapping[str, np.ndarray]) -> float:
         flat = np.ravel(array)
         total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
     return math.sqrt(total)
+
+
+def clip_target(norms: Sequence[float], bound: float, policy: AdmissionPolicy) -> float:
+    """The norm an update over ``bound`` is scaled down to: the bound itself (``clip``) or the
+    round's low median norm (``clip-to-median``), never above the bound."""
+    if policy.norm_action == "clip-to-median" and norms:
+        return min(bound, statistics.median_low(norms))
+    return bound
 
 
 def norm_bound(norms: Sequence[float], policy: AdmissionPolicy) -> float | None:

@@ -70,6 +70,7 @@ from feddistill.strategies.admission import (
     check_metrics,
     check_num_examples,
     check_records,
+    clip_target,
     direction_cosines,
     examples_cap,
     norm_bound,
@@ -139,7 +140,7 @@ class _Candidate:
     msg: Message
     metrics: dict[str, float]
     examples: int
-    known: bool  # the server knows this node's example count (simulation)
+    known: int | None  # the node's example count where the server knows it (simulation)
     delta: dict[str, np.ndarray] = field(default_factory=dict)
     norm: float = 0.0
     masked: np.ndarray | None = None  # secure aggregation: the masked vector instead of delta
@@ -375,9 +376,7 @@ class CompressedStrategy(Strategy):
         metrics, unknown = check_metrics(content.metric_records[keys.METRICS], schema)
         sizes = self.known_examples(node) if self.known_examples is not None else None
         known = None if sizes is None else sizes[0 if schema.payload else 1]
-        examples = check_num_examples(
-            metrics[keys.NUM_EXAMPLES], positive=schema.payload, known=known
-        )
+        examples = check_num_examples(metrics[keys.NUM_EXAMPLES], positive=schema.payload)
         dropped = extra + [f"metric {k!r}" for k in unknown]
         if dropped:
             shown = ", ".join(dropped[:5]) + (
@@ -386,7 +385,7 @@ class CompressedStrategy(Strategy):
             log.info(
                 "round %d: node %s: dropped what no schema declares: %s", server_round, node, shown
             )
-        return _Candidate(node, msg, metrics, examples, known is not None)
+        return _Candidate(node, msg, metrics, examples, known)
 
     def _refuse(
         self, sink: list[tuple[int, str]], server_round: int, node: int, err: Exception
@@ -401,21 +400,34 @@ class CompressedStrategy(Strategy):
     def _cap_examples(
         self, server_round: int, candidates: list[_Candidate], sink: list[tuple[int, int, int]]
     ) -> None:
-        """Where the server does not know a node's data (deployment), no claim above
-        ``server.max-examples-factor`` times the round's median claim."""
+        """No claim above what the node holds where the server knows it (simulation: its
+        partition's split), nor, where it does not (deployment), above
+        ``server.max-examples-factor`` times the round's median claim. Capped, not refused: the
+        claim is the only lie, and the cap takes away its weight while the update still counts
+        as its data's (the other rules judge the update)."""
+        for c in candidates:  # first the known sizes, so that no false claim sets the median
+            if c.known is not None and c.examples > c.known:
+                self._capped(server_round, c, c.known, "its partition's size", sink)
         cap = examples_cap([c.examples for c in candidates], self.admission.max_examples_factor)
         for c in candidates:
-            if cap is not None and not c.known and c.examples > cap:
-                sink.append((c.node, c.examples, cap))
-                log.warning(
-                    "round %d: node %s claims %s = %d; capped at %d (server.max-examples-factor)",
-                    server_round,
-                    c.node,
-                    keys.NUM_EXAMPLES,
-                    c.examples,
-                    cap,
-                )
-                c.examples = cap
+            if cap is not None and c.known is None and c.examples > cap:
+                self._capped(server_round, c, cap, "server.max-examples-factor", sink)
+
+    @staticmethod
+    def _capped(
+        server_round: int, c: _Candidate, limit: int, why: str, sink: list[tuple[int, int, int]]
+    ) -> None:
+        sink.append((c.node, c.examples, limit))
+        log.warning(
+            "round %d: node %s claims %s = %d; capped at %d (%s)",
+            server_round,
+            c.node,
+            keys.NUM_EXAMPLES,
+            c.examples,
+            limit,
+            why,
+        )
+        c.examples = limit
 
     def _arrival(self, candidates: list[_Candidate]) -> dict[str, float]:
         """The global these clients received (the previous round's), on their validation
@@ -458,7 +470,8 @@ class CompressedStrategy(Strategy):
         for c in candidates:
             c.norm = update_norm(c.delta)
             stats.update_norms[c.node] = c.norm
-        bound = norm_bound([c.norm for c in candidates], self.admission)
+        norms = [c.norm for c in candidates]
+        bound = norm_bound(norms, self.admission)
         shared = self._shared_metrics(candidates)
         assert self._global_flat is not None, "configure_train runs before aggregate_train"
         kept: list[tuple[_Candidate, np.ndarray]] = []
@@ -473,14 +486,15 @@ class CompressedStrategy(Strategy):
                     )
                     self._refuse(stats.failures, server_round, c.node, err)
                     continue
-                delta = delta * np.float32(bound / c.norm)
-                stats.clipped.append((c.node, c.norm, bound))
+                target = clip_target(norms, bound, self.admission)
+                delta = delta * np.float32(target / c.norm)
+                stats.clipped.append((c.node, c.norm, target))
                 log.warning(
                     "round %d: update of node %s clipped from L2 norm %.4g to %.4g",
                     server_round,
                     c.node,
                     c.norm,
-                    bound,
+                    target,
                 )
             kept.append((c, delta))
         kept = self._aligned(server_round, kept, stats)
