@@ -612,7 +612,7 @@ at 0%; the project default against {",".join(TARGET_ATTACKS)} at 20%;
 every robust rule against sign-flip at 30%. --matrix full: every aggregator
 ({",".join(AGGREGATORS)}) x attack ({",".join(ATTACKS)}) x fraction
 ({",".join(f"{f:g}" for f in FRACTIONS)}), 238 cells. Both: 20 clients, 10 per round,
-18 rounds, teacher builtin:tiny, 4,000 train rows, 1,000 test rows; the output model is the
+24 rounds, teacher builtin:tiny, 4,000 train rows, 1,000 test rows; the output model is the
 last round's global (server.average-last = 0).
 
 --quick (smoke run, 3 cells: each starts Ray): aggregator default; attacks
