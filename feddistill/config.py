@@ -300,9 +300,9 @@ class ServerConfig:
     know the node's data (deployment; 0 = off); updates whose L2 norm exceeds
     ``max_update_norm_ratio`` times the round's median norm, or ``max_update_norm``, are
     scaled down to the round's median norm, to the bound, or rejected (``update_norm_action``;
-    0 = that bound off); an update whose cosine
-    with the sum of the round's other updates' directions is below ``min_update_cosine`` is
-    rejected (-1 = off): a sign-flipped update has an honest norm.
+    0 = that bound off); an update whose cosine with the sum of the round's other updates'
+    directions is below ``min_update_cosine`` is rejected (-1 = off): a sign-flipped update has
+    an honest norm.
 
     ``max_failed_rounds``: after that many rounds in a row left the global unchanged (no valid
     reply, or aggregation failed) the run stops early, keeps the last global as its output and

@@ -59,7 +59,7 @@ class AdmissionPolicy:
         max_examples_factor: a claim of more than this times the round's median claim is capped
             there, where the server does not know the node's data size; 0 = off.
         max_update_norm_ratio: updates whose L2 norm exceeds this times the round's median
-            update norm are rejected or clipped; 0 = off.
+            update norm are scaled down or rejected (``norm_action``); 0 = off.
         max_update_norm: the same against an absolute L2 norm; 0 = off.
         norm_action: ``clip-to-median`` (scale it down to the round's median norm: the say of a
             typical reply), ``clip`` (scale it down to the bound) or ``reject`` (drop it).
