@@ -202,7 +202,16 @@ def test_all_scenarios_have_fixed_names() -> None:
         "local-only",
         "fedavg-teacher-fp32",
     )
-    assert "topk0.1-q4-ef" not in DEFAULT_SCENARIOS  # runs only when asked for
+    # The compression variants run only when asked for (they took the bench past its hour)
+    assert DEFAULT_SCENARIOS == (
+        "centralized-teacher",
+        "centralized-student",
+        "fedavg-student-fp32",
+        "feddistill",
+        "local-only",
+        "fedavg-teacher-fp32",
+    )
+    assert QUICK["scenarios"] == DEFAULT_SCENARIOS
 
 
 def test_shared_cache_keeps_teachers_but_not_residuals_between_scenarios(tmp_path: Path) -> None:

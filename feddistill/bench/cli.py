@@ -12,8 +12,9 @@ from feddistill.bench.spec import ALL_SCENARIOS, BERT_FFN, QUICK, BenchSetting, 
 DESCRIPTION = """\
 Benchmark scenarios on one dataset and one partitioning: centralized teacher and student
 (upper references), local-only students (the floor), plain FedAvg of the student in float32,
-feddistill with its default compression, two more compression settings, and FedAvg of the
-whole teacher in float32 (bytes measured on real Flower messages, not run). Federated
+feddistill with its default compression, and FedAvg of the whole teacher in float32 (bytes
+measured on real Flower messages, not run); the compression variants (ablations of
+feddistill's defaults) only with --scenarios. Federated
 scenarios run through Flower's simulation engine; all read the same sampled CSVs written into
 --out and share one cache of fine-tuned client teachers. Writes bench.json, bench.md and
 bench.png into --out.
@@ -30,9 +31,8 @@ turned off.
 
 --quick (smoke run, about 5-10 minutes on 2 CPU cores): the agnews files when found (else
 the embedded corpus), 600 train rows, 400 eval rows, final accuracy on 1,000 test rows,
-3 rounds, 2 epochs for local-only and the centralized student, and only the scenarios
-centralized-teacher, centralized-student, fedavg-student-fp32, feddistill, local-only,
-fedavg-teacher-fp32. Options given explicitly override the preset."""
+3 rounds, 2 epochs for local-only and the centralized student, teachers capped at 3
+epochs. Options given explicitly override the preset."""
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchSetting) if f.name != "out"}
 
@@ -76,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--scenarios",
         help="comma-separated subset of: "
         + ",".join(ALL_SCENARIOS)
-        + " (default: all but topk0.1-q4-ef)",
+        + " (default: all but the compression variants topk1-q4-noef, down-topk1-q4-ef,"
+        " topk0.1-q4-ef)",
     )
     p.add_argument(
         "--rounds", type=int, help=f"rounds of the dense scenario (default {d['rounds']})"
@@ -89,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variant-rounds",
         type=int,
-        help=f"rounds of the other compressed scenarios (default {d['variant_rounds']})",
+        help=f"rounds of the compression variants (default {d['variant_rounds']})",
     )
     p.add_argument(
         "--teacher-epochs",
