@@ -202,7 +202,7 @@ def test_all_scenarios_have_fixed_names() -> None:
         "local-only",
         "fedavg-teacher-fp32",
     )
-    # The compression variants run only when asked for (they took the bench past its hour)
+    # The compression variants run only when asked for (the rest takes about the hour)
     assert DEFAULT_SCENARIOS == (
         "centralized-teacher",
         "centralized-student",

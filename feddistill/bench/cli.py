@@ -14,9 +14,9 @@ Benchmark scenarios on one dataset and one partitioning: centralized teacher and
 (upper references), local-only students (the floor), plain FedAvg of the student in float32,
 feddistill with its default compression, and FedAvg of the whole teacher in float32 (bytes
 measured on real Flower messages, not run); the compression variants (ablations of
-feddistill's defaults) only with --scenarios. Federated
-scenarios run through Flower's simulation engine; all read the same sampled CSVs written into
---out and share one cache of fine-tuned client teachers. Writes bench.json, bench.md and
+feddistill's defaults) only with --scenarios. Federated scenarios run through Flower's
+simulation engine; all read the same sampled CSVs written into --out and share one cache of
+fine-tuned client teachers. Writes bench.json, bench.md and
 bench.png into --out.
 
 --preset agnews: train/test from ../shared/data/agnews (relative to the repository root or

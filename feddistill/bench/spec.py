@@ -38,10 +38,11 @@ RoundsField = Literal["rounds", "compressed_rounds", "variant_rounds"]
 BERT_FFN = FEED_FORWARD
 
 # The compression variants (ablations of feddistill's defaults) run only when asked for: with
-# every teacher trained to its plateau and 4 local epochs in the early rounds, a bench on texts
-# of 64 tokens took past its hour on 2 cores with the two 20-round variants in it
-# (docs/benchmarks.md, 2026-12-07 night). What stays answers issue 20's questions: the
-# references (teacher, student, dense FedAvg, local-only, teacher FedAvg bytes) and feddistill.
+# every teacher trained to its plateau and 4 local epochs in the early rounds, the scenarios
+# before them took 55 minutes of the hour on the embedded corpus's 64-token texts on 2 cores
+# (docs/benchmarks.md, 2026-12-07 night), and each variant is 20 rounds of feddistill's work.
+# What stays answers issue 20's questions: the references (teacher, student, dense FedAvg,
+# local-only, teacher FedAvg bytes) and feddistill.
 VARIANTS = ("topk1-q4-noef", "down-topk1-q4-ef", "topk0.1-q4-ef")
 DEFAULT_SCENARIOS = tuple(s for s in ALL_SCENARIOS if s not in VARIANTS)
 
