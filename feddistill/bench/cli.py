@@ -7,7 +7,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from feddistill.bench.spec import ALL_SCENARIOS, BERT_FFN, QUICK, BenchSetting, find_agnews
+from feddistill.bench.spec import (
+    ALL_SCENARIOS,
+    BERT_FFN,
+    QUICK,
+    VARIANTS,
+    BenchSetting,
+    find_agnews,
+)
 
 DESCRIPTION = """\
 Benchmark scenarios on one dataset and one partitioning: centralized teacher and student
@@ -16,8 +23,7 @@ feddistill with its default compression, and FedAvg of the whole teacher in floa
 measured on real Flower messages, not run); the compression variants (ablations of
 feddistill's defaults) only with --scenarios. Federated scenarios run through Flower's
 simulation engine; all read the same sampled CSVs written into --out and share one cache of
-fine-tuned client teachers. Writes bench.json, bench.md and
-bench.png into --out.
+fine-tuned client teachers. Writes bench.json, bench.md and bench.png into --out.
 
 --preset agnews: train/test from ../shared/data/agnews (relative to the repository root or
 the working directory), 3,000 train rows, 2,000 test rows for the per-round curve, final
@@ -76,8 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--scenarios",
         help="comma-separated subset of: "
         + ",".join(ALL_SCENARIOS)
-        + " (default: all but the compression variants topk1-q4-noef, down-topk1-q4-ef,"
-        " topk0.1-q4-ef)",
+        + f" (default: all but the compression variants {','.join(VARIANTS)})",
     )
     p.add_argument(
         "--rounds", type=int, help=f"rounds of the dense scenario (default {d['rounds']})"
